@@ -14,6 +14,8 @@ import torch
 from clapscale.eval.linear_probe import fit_linear_probe, linear_probe_metrics
 from clapscale.eval.metrics import (
     average_precision,
+    macro_recall,
+    majority_baseline,
     mean_average_precision,
     ranks_multi_relevant,
     ranks_single_relevant,
@@ -149,7 +151,24 @@ def test_zeroshot_single_label_hand_computed():
     # class 0: scores (0.9, 0.2, 0.4), positive clip0 -> AP 1; class 1: (0.1, 0.3, 0.4),
     # positives clips 1,2 -> ranked 2,1 -> AP 1; class 2 has no positive -> skipped.
     assert m["mAP"] == pytest.approx(100.0)
-    assert zeroshot_chance(targets, ks=(1, 2)) == {"top1": pytest.approx(100 / 3), "top2": pytest.approx(200 / 3), "mAP": pytest.approx(50.0)}
+    # macro recall: class 0 (clip0 right) 1.0, class 1 (clip1 wrong, clip2 tie -> wrong) 0.0.
+    assert m["macro_recall"] == pytest.approx(50.0)
+    assert zeroshot_chance(targets, ks=(1, 2)) == {
+        "top1": pytest.approx(100 / 3), "top2": pytest.approx(200 / 3), "macro_recall": pytest.approx(100 / 3),
+        "mAP": pytest.approx(50.0)}
+    # Majority baseline: always label 1 -> 2 of 3 clips right; recall 1 for class 1, 0 for class 0.
+    assert majority_baseline(targets) == {"top1": pytest.approx(200 / 3), "macro_recall": pytest.approx(50.0)}
+    assert majority_baseline(torch.tensor([[1, 1, 0]]).bool()) == {}  # multi-label: no single answer
+
+
+def test_macro_recall_matches_sklearn_balanced_accuracy():
+    skm = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        target = torch.cat([torch.zeros(40, dtype=torch.long), torch.randint(1, 5, (12,), generator=g)])
+        logits = torch.randn(52, 5, generator=g) + 1.5 * torch.nn.functional.one_hot(target, 5)
+        assert macro_recall(logits, target) == pytest.approx(
+            100 * skm.balanced_accuracy_score(target.numpy(), logits.argmax(1).numpy()))
 
 
 def test_average_precision_matches_sklearn_with_ties():

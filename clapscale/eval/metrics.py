@@ -328,7 +328,7 @@ def zeroshot_metrics(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)
         logits: (N, L) scores.
         targets: (N, L) multi-hot labels; every clip needs at least one.
     Returns:
-        If every clip has exactly one label: ``top1``, ``top5`` (percent) and ``mAP``.
+        If every clip has exactly one label: ``top1``, ``top5``, ``macro_recall`` (percent) and ``mAP``.
         Otherwise ``mAP`` plus ``top1`` meaning "the best-scoring label is one of the clip's".
     """
     _check_scores(logits)
@@ -340,7 +340,9 @@ def zeroshot_metrics(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)
         raise ValueError("every clip needs at least one label for zero-shot metrics")
     out: dict[str, float] = {}
     if bool((per_clip == 1).all()):
-        out.update(topk_accuracy(logits, targets.float().argmax(1), ks))
+        target = targets.float().argmax(1)
+        out.update(topk_accuracy(logits, target, ks))
+        out["macro_recall"] = macro_recall(logits, target)
     else:
         # Best label is one of the clip's: some true label beats every other label strictly
         # (a tie with a wrong label is a miss, the pessimistic rule).
@@ -352,8 +354,38 @@ def zeroshot_metrics(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)
     return out
 
 
+def macro_recall(logits: Tensor, target: Tensor) -> float:
+    """Balanced accuracy (percent): the mean over classes present in ``target`` of the share of their
+    clips whose top-1 label is right (ties pessimistic, as in ``topk_accuracy``).
+
+    With unbalanced classes top-1 rewards predicting the big class; this does not (a constant answer
+    scores 1 / the number of classes present).
+
+    Args:
+        logits: (N, L) clip-by-label scores; target: (N,) true label index per clip.
+    """
+    hit = ranks_single_relevant(logits, target) <= 1
+    target = target.to(hit.device)
+    recalls = [hit[target == c].double().mean().item() for c in torch.unique(target)]
+    if not recalls:
+        raise ValueError("macro_recall: no clips to evaluate")
+    return 100.0 * sum(recalls) / len(recalls)
+
+
+def majority_baseline(targets: Tensor) -> dict[str, float]:
+    """What always answering the most frequent label scores (single-label sets; percent):
+    ``top1`` = that label's share, ``macro_recall`` = 1 / the number of labels present."""
+    targets = torch.as_tensor(targets).bool()
+    if not bool((targets.sum(1) == 1).all()):
+        return {}
+    counts = targets.sum(0)
+    return {"top1": 100.0 * counts.max().item() / targets.shape[0],
+            "macro_recall": 100.0 / int((counts > 0).sum())}
+
+
 def zeroshot_chance(targets: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Expected zero-shot metrics for random scores: top-k = k/L (single label), mAP ~ class prevalence."""
+    """Expected zero-shot metrics for random scores: top-k = k/L and macro recall 1/L (single
+    label), mAP ~ class prevalence."""
     targets = torch.as_tensor(targets).bool()
     n, n_labels = targets.shape
     per_clip = targets.sum(1).double()
@@ -361,6 +393,7 @@ def zeroshot_chance(targets: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, fl
     if bool((per_clip == 1).all()):
         for k in ks:
             out[f"top{k}"] = 100.0 * min(k, n_labels) / n_labels
+        out["macro_recall"] = 100.0 / n_labels
     else:
         out["top1"] = 100.0 * (per_clip / n_labels).mean().item()
     prevalence = targets.double().mean(0)
