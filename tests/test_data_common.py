@@ -122,3 +122,92 @@ def test_bad_shards_hold_what_they_claim(bad_shards):
         with tarfile.open(bad_shards / "truncated_tar.tar") as tar:
             for m in tar:
                 tar.extractfile(m).read()
+
+
+# ----------------------------------------------------------------------------------------------
+# Shard specs as users write them: globs, missing files, gaps, count tables in other places
+# ----------------------------------------------------------------------------------------------
+
+
+def copy_shard_set(clean_shards: Path, dest: Path) -> Path:
+    """A copy of the clean shard set (``train/`` + ``manifest.json``); returns its ``train`` dir."""
+    import shutil
+
+    shutil.copytree(clean_shards.parent, dest)
+    return dest / "train"
+
+
+def eval_keys(spec: str) -> list[str]:
+    from clapscale.data import build_loader
+
+    cfg = make_cfg(spec, "data.batch_size=16", "data.workers=0")
+    return sorted(k for b in build_loader(cfg, spec, train=False) for k in b["keys"])
+
+
+def test_missing_shard_is_named_at_loader_construction(clean_shards):
+    from clapscale.data import build_loader
+    from clapscale.data.specs import ShardSpecError
+
+    spec = f"{clean_shards}/{{000000..000005}}.tar"  # the set has 000000..000003
+    with pytest.raises(ShardSpecError, match=r"no such file: .*000004\.tar, .*000005\.tar \(2 of the 6"):
+        build_loader(make_cfg(spec, "data.resampled=false"), spec)
+    with pytest.raises(ShardSpecError, match="no such file"):
+        build_loader(make_cfg(spec), spec, train=False)
+
+
+def test_glob_in_local_spec_expands_sorted(clean_shards):
+    from clapscale.data.specs import ShardSpecError, expand_urls
+
+    assert expand_urls(f"{clean_shards}/*.tar") == expand_urls(clean_spec(clean_shards))
+    assert eval_keys(f"{clean_shards}/00000[12].tar") == [f"clean-{i:03d}" for i in range(4, 12)]
+    with pytest.raises(ShardSpecError, match=r"no file matches the shard pattern .*nope-\*\.tar"):
+        expand_urls(f"{clean_shards}/nope-*.tar")
+
+
+def test_gap_not_in_manifest_is_left_out_by_name(clean_shards, tmp_path, caplog):
+    """A shard the manifest does not list (a rejected unit) is a gap the loader reads around; a shard
+    the manifest lists but the disk lacks stays an error."""
+    from clapscale.data.specs import ShardSpecError
+
+    train = copy_shard_set(clean_shards, tmp_path / "set")
+    spec = clean_spec(train)
+    (train / "000001.tar").unlink()
+    with pytest.raises(ShardSpecError, match="000001.tar"):
+        eval_keys(spec)  # still listed by sizes.json and the manifest
+    sizes = json.loads((train / "sizes.json").read_text())
+    del sizes["000001.tar"]
+    (train / "sizes.json").write_text(json.dumps(sizes))
+    with caplog.at_level("WARNING"):
+        keys = eval_keys(spec)
+    assert keys == [f"clean-{i:03d}" for i in (*range(0, 4), *range(8, 16))]
+    assert "000001.tar" in caplog.text and "gap" in caplog.text
+    (train / "000003.tar").unlink()  # past the last present shard: not a gap
+    with pytest.raises(ShardSpecError, match="000003.tar"):
+        eval_keys(spec)
+
+
+@pytest.mark.parametrize("layout", ["manifest_above", "sizes_above", "sizes_above_keyed_by_split", "none"])
+def test_counts_without_sizes_json_beside_the_shards(clean_shards, tmp_path, layout, caplog):
+    """No sizes.json and no .idx beside the shards (LAION mirrors): counts come from the manifest or
+    a sizes.json one level up, or from one scan of the tar headers, with a warning."""
+    from clapscale.data import build_loader
+    from clapscale.data.specs import shard_sizes
+
+    train = copy_shard_set(clean_shards, tmp_path / "set")
+    sizes = json.loads((train / "sizes.json").read_text())
+    (train / "sizes.json").unlink()
+    for idx in train.glob("*.idx"):
+        idx.unlink()
+    if layout != "manifest_above":
+        (train.parent / "manifest.json").unlink()
+    if layout == "sizes_above":
+        (train.parent / "sizes.json").write_text(json.dumps(sizes))
+    if layout == "sizes_above_keyed_by_split":
+        (train.parent / "sizes.json").write_text(json.dumps({f"train/{k}": v for k, v in sizes.items()}))
+    spec = clean_spec(train)
+    with caplog.at_level("WARNING"):
+        got = shard_sizes([str(train / n) for n in sorted(sizes)])
+    assert got == {str(train / n): v for n, v in sizes.items()}
+    assert ("scanning their tar headers" in caplog.text) == (layout == "none")
+    cfg = make_cfg(spec, "data.batch_size=4", "data.workers=0")
+    assert len(build_loader(cfg, spec)) == sum(sizes.values()) // 4  # resampled: nominal epoch from counts
