@@ -128,9 +128,10 @@ class DataConfig:
                     ok = False
                 if not ok:
                     raise ConfigError(f"{path}.train_weights={self.train_weights!r}: {w!r} is not a number > 0")
-            if self.backend == "dali":
+            if not self.resampled and len(set(float(w) for w in weights)) > 1:
                 raise ConfigError(
-                    f"{path}.train_weights needs {path}.backend=wds (DALI reads its shards uniformly)"
+                    f"{path}.train_weights={self.train_weights!r} needs {path}.resampled=true (epoch "
+                    "mode visits every shard once, so the sources' sizes set their shares)"
                 )
 
 

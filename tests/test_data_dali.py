@@ -64,27 +64,33 @@ def test_dali_eval_sees_every_sample_once_across_ranks(clean_shards):
     assert sorted(seen) == ALL_KEYS
 
 
-def test_dali_training_batches_and_exact_resume(bad_shards, clean_shards):
+@pytest.mark.parametrize("resampled", [True, False])
+def test_dali_training_batches_and_exact_resume(bad_shards, clean_shards, resampled):
     """Training over shards full of bad samples: every batch is full, and stopping after k batches
     then resuming from state_dict gives exactly the uninterrupted stream (including the samples
-    carried over between DALI reader batches)."""
+    carried over between DALI reader batches), across an epoch boundary. Resampled: two readers
+    (clean and bad source) mixed per sample, both positions restored; epoch mode: one reader."""
     spec = f"{clean_spec(clean_shards)}::{bad_shards}/{{{','.join(sorted(p.name for p in bad_shards.glob('*.tar')))}}}"
-    cfg = make_cfg(spec, "data.backend=dali", "data.batch_size=3", "data.workers=1",
-                   "data.shuffle_buffer=8", "audio.length_policy=fusion")
+    cfg = make_cfg(spec, "data.backend=dali", "data.batch_size=3", "data.workers=1", "data.shuffle_buffer=8",
+                   "audio.length_policy=fusion", f"data.resampled={str(resampled).lower()}")
     full_loader = build_loader(cfg, cfg.data.train)
     full = list(full_loader) + list(full_loader)  # two epochs
-    assert all(len(b["keys"]) == 3 for b in full)
-    assert full_loader.skipped == {reason: 2 for reason in bad_cases()} | {"truncated_tar": 1}
+    assert len(full) == 2 * len(full_loader) and all(len(b["keys"]) == 3 for b in full)
+    assert set(full_loader.skipped) == {*bad_cases(), "truncated_tar"}
     skip_rows = []
-    for stop in (2, 6):
+    for stop in (2, 6, len(full_loader) + 1):
         first = build_loader(cfg, cfg.data.train)
         it = iter(first)
-        taken = [next(it) for _ in range(stop)]
+        taken = [next(it) for _ in range(min(stop, len(first)))]
+        if stop > len(first):  # stop in the second epoch
+            taken += [b for _, b in zip(range(stop - len(first)), first)]
         state = first.state_dict()
-        skip_rows.append(state["skip_rows"])
+        skip_rows += state["skip_rows"]
         resumed = build_loader(cfg, cfg.data.train)
         resumed.load_state_dict(state)
-        rest = list(resumed) + list(resumed)
+        rest = list(resumed)
+        if stop < len(first):
+            rest += list(resumed)
         assert keys_of(taken + rest) == keys_of(full)
         for a, b in zip(taken + rest, full):
             assert torch.equal(a["fusion_starts"], b["fusion_starts"])
@@ -111,16 +117,18 @@ def test_dali_bad_sample_is_skipped_and_counted(dali_bad_run, reason):
     assert skipped == {reason: 1}
 
 
-def test_dali_rejects_mixing_weights(clean_shards):
+def test_dali_refuses_mixing_weights_in_epoch_mode(clean_shards):
+    """Epoch mode reads every shard once: weights cannot hold there, on either backend."""
     from clapscale.config import ConfigError
     from clapscale.data.dali import DaliLoader
     from clapscale.data.specs import parse_spec
 
     spec = f"{clean_shards}/000000.tar::{clean_shards}/000001.tar"
-    with pytest.raises(ConfigError, match="backend=wds"):
-        make_cfg(spec, "data.backend=dali", "data.train_weights=0.7::0.3")
-    cfg = make_cfg(spec, "data.batch_size=2")
-    with pytest.raises(ValueError, match="mixing weights"):
+    make_cfg(spec, "data.backend=dali", "data.train_weights=0.7::0.3")  # resampled: accepted
+    with pytest.raises(ConfigError, match="resampled=true"):
+        make_cfg(spec, "data.backend=dali", "data.train_weights=0.7::0.3", "data.resampled=false")
+    cfg = make_cfg(spec, "data.batch_size=2", "data.resampled=false")
+    with pytest.raises(ValueError, match="mixing weights need data.resampled=true"):
         DaliLoader(parse_spec(spec, "0.7::0.3"), cfg.audio, cfg.data)
 
 

@@ -24,20 +24,24 @@ attention_mask     int64 (B, L)                      only with a tokenizer
 keys               list[str]                         sample keys
 texts              list[str]                         the caption drawn for this sample this epoch
 all_texts          list[list[str]]                   every caption (JSON "text"), for retrieval
-tags               list[list[str]]                   labels (JSON "tag"), possibly empty
+tags               list[list[str]]                   labels (JSON "tag", or "tags"), possibly empty
 =================  ================================  =============================================
 
 ``clapscale.features.AudioFrontend`` turns such a batch into the tower input ``(B, C, 1001, 64)``.
 
-Backends (``data.backend``): ``wds`` (``clapscale.data.wds``: PyTorch DataLoader workers, soundfile;
-weighted mixing, ``data.resampled``) and ``dali`` (``clapscale.data.dali``: DALI reader + decoder,
-mel in DALI on the GPU or CPU; reads its shards uniformly with DALI's own shuffle, so it ignores
-``data.resampled`` and refuses mixing weights). Both apply the same length policies and caption
-choice with the same per-(seed, epoch, key) generator, and skip the same bad samples.
+Backends (``data.backend``): ``wds`` (``clapscale.data.wds``: PyTorch DataLoader workers, soundfile)
+and ``dali`` (``clapscale.data.dali``: DALI reader + decoder, mel in DALI on the GPU or CPU). Both
+read a fresh permutation of the shards every epoch (the same one for a given seed), realise mixing
+weights per sample with ``data.resampled: true`` (each source's share of samples is its weight,
+whatever its shard sizes) and read every shard once per epoch with ``data.resampled: false``. Both
+apply the same length policies and caption choice with the same per-(seed, epoch, key) generator,
+skip the same bad samples, and read tags the same way (``captions.normalise_tags``).
 
 Loader API: iterate; ``set_epoch(e)``; ``state_dict()`` / ``load_state_dict(d)`` (the sample
 position, so a resumed run continues); ``skipped`` (reason -> count of bad samples skipped, see
-``clapscale.data.wds.SKIP_REASONS``); ``len(loader)`` (batches per epoch on this rank).
+``clapscale.data.wds.SKIP_REASONS``); ``warned`` (reason -> count of samples read with a coerced
+field, ``WARN_REASONS``); ``source_counts`` (training samples yielded per source, logged as realised
+shares at the end of every epoch); ``len(loader)`` (batches per epoch on this rank).
 """
 
 from __future__ import annotations

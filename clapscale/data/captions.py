@@ -4,8 +4,8 @@
 - ``text_augment_t5`` / ``text_augment_all``: one of the keyword-to-caption captions stored under that
   JSON key; samples whose JSON lacks the key (sources without K2C augmentation, e.g. Clotho beside
   AudioSet) draw from ``text`` instead, as LAION-CLAP does when mixing such sources.
-- ``tag_template``: "The sound of A, B and C" from the sample's ``tag`` list; samples without tags
-  draw from ``text``.
+- ``tag_template``: "The sound of A, B and C" from the sample's tags (``normalise_tags``); samples
+  without tags draw from ``text``.
 
 Training draws uniformly with the sample's per-epoch generator; evaluation takes the first caption.
 """
@@ -30,6 +30,34 @@ def clean_captions(value: object) -> list[str]:
     return [c.strip() for c in value if isinstance(c, str) and c.strip()]
 
 
+def normalise_tags(meta: dict) -> tuple[list[str], str]:
+    """The sample's tags as a list of non-blank strings, and a note ("" when the field was a clean list).
+
+    Foreign shards spell the field three ways: ``tag`` (a list, ours and most LAION sources),
+    ``tags`` (FSD50K, UrbanSound8K; read when ``tag`` is absent) and a bare value instead of a list.
+    A string is one tag (iterating it made "dog" the tags d, o, g); a number (UrbanSound8K's class
+    id) becomes its string; anything else (a dict, a nested list, a bool) is dropped. The note says
+    what was coerced or dropped, so the loader can count it.
+    """
+    field = "tag" if "tag" in meta else "tags"
+    value = meta.get(field)
+    if value is None:
+        return [], ""
+    items = value if isinstance(value, list) else [value]
+    tags: list[str] = []
+    odd = not isinstance(value, list)
+    for item in items:
+        if isinstance(item, str):
+            if item.strip():
+                tags.append(item.strip())
+            continue
+        odd = True
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            tags.append(str(item))
+    note = f"{field!r} is {value!r}, not a list of strings; read as {tags!r}" if odd else ""
+    return tags, note
+
+
 def tag_caption(tags: list[str]) -> str:
     """``["dog", "bark_loud", "rain"]`` -> ``"The sound of dog, bark loud and rain"``."""
     names = [t.replace("_", " ").strip() for t in tags if t and t.strip()]
@@ -51,7 +79,7 @@ def choose_caption(meta: dict, mode: str, rng: np.random.Generator | None) -> st
     if mode in ("text_augment_t5", "text_augment_all"):
         pool = clean_captions(meta.get(mode)) or texts
     elif mode == "tag_template":
-        tags = [t for t in meta.get("tag") or [] if isinstance(t, str)]
+        tags, _ = normalise_tags(meta)
         if tags:
             return tag_caption(tags)
     if rng is None:

@@ -5,9 +5,16 @@ Three small DALI pipelines with Python glue between them, because a DALI pipelin
 corrupt FLAC dies as a whole ("Current pipeline object is no longer valid"), and because the length
 policies must be exactly those of the webdataset loader:
 
-1. reader: ``readers.webdataset`` over the ``.idx`` indexes, sharded by rank (``shard_id`` /
-   ``num_shards``), shuffled with ``initial_fill = data.shuffle_buffer`` in training. Outputs raw
-   FLAC bytes, JSON bytes and each sample's source (``tar:offset:member``, for the key).
+1. reader: ``readers.webdataset`` over the ``.idx`` indexes, shuffled with ``initial_fill =
+   data.shuffle_buffer`` in training. Outputs raw FLAC bytes, JSON bytes and each sample's source
+   (``tar:offset:member``, for the key). Training reads a fresh permutation of the shards every
+   epoch (``wds.epoch_shard_order``, the webdataset backend's, so one seed gives both backends the
+   same order); rank r takes shards r::world_size of it (as webdataset's epoch mode does), or, when a
+   source has fewer shards than ranks, a sample range of it (DALI's ``shard_id`` / ``num_shards``).
+   With ``data.resampled: true`` each source has its own reader and the source of every sample is
+   drawn by the mixing weights (a counter-based generator of (seed, epoch, rank, pick)), so each
+   source's share of samples is its weight whatever its size and shard sizes, as in the webdataset
+   backend; with ``data.resampled: false`` one reader reads this rank's shards of the epoch once.
 2. glue: JSON, captions and the FLAC header (magic, STREAMINFO, sample rate, length) are checked in
    Python; bad samples are skipped and counted (``clapscale.data.wds.SKIP_REASONS``).
 3. decoder: ``decoders.audio`` (CPU, ``data.workers`` threads) on the good FLACs. If it still fails
@@ -23,9 +30,11 @@ policies must be exactly those of the webdataset loader:
    batch carries ``mel`` (B, T, n_mels) and ``mel_frames``; ``AudioFrontend`` shapes it.
 
 Training batches always hold exactly ``data.batch_size`` samples (samples left over after skipping
-carry into the next batch). The sample order is DALI's: a function of the seed and how many samples
-were read; the epoch number only reseeds the per-sample choices. The position is a DALI reader
-checkpoint, so a resumed run continues exactly.
+carry into the next batch; those left at the end of an epoch are dropped). Batches per epoch:
+resampled, total samples // (batch_size * world_size); epoch mode, the fewest full batches any rank's
+shards of that epoch hold. The sample order is a function of (seed, epoch, rank) and DALI's shuffle.
+The position is the pick count plus a DALI reader checkpoint per reader, so a resumed run continues
+exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ import io
 import logging
 import os
 import tempfile
+import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,11 +62,17 @@ from clapscale.data.wds import (
     collate_meta,
     collate_waveforms,
     decode_audio,
+    epoch_shard_order,
+    log_source_shares,
     parse_meta,
     sample_rng,
     split_member_name,
     text_fields,
 )
+
+# Source picks are drawn in blocks of this many from a generator of (seed, epoch, rank, block), so a
+# resumed run finds pick k without replaying the k before it.
+PICK_BLOCK = 4096
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +122,12 @@ class DaliLoader:
             raise ValueError(f"features={features!r} is not one of 'mel', 'waveform'")
         # "waveform": stop after decoding + length policy and leave the mel to AudioFrontend.
         self.features = features
-        if any(s.weight != sources[0].weight for s in sources):
+        if train and not data_cfg.resampled and any(s.weight != sources[0].weight for s in sources):
             raise ValueError(
-                "data.backend=dali reads the listed shards uniformly and cannot apply mixing weights; "
-                "use data.backend=wds for weighted mixing, or drop data.train_weights"
+                f"data.train_weights={data_cfg.train_weights!r}: mixing weights need "
+                "data.resampled=true (epoch mode visits every shard once); set it, or drop the weights"
             )
+        self.sources = sources
         self.urls = all_urls(sources)
         for u in self.urls:
             if "://" in u or u.startswith("pipe:"):
@@ -127,14 +145,22 @@ class DaliLoader:
         self.epoch = 0
         self.batches = 0
         self.skipped: dict[str, int] = {}
+        self.warned: dict[str, int] = {}  # reason (wds.WARN_REASONS) -> samples read with a coerced field
+        self.source_counts = [0] * len(sources)  # training samples emitted per source, this run
         self._skiplog = SkipLog()
-        self._reader = None
-        self._reader_ckpt: str | None = None  # position to restore (from load_state_dict)
-        self._skip_rows = 0
+        self._warnlog = SkipLog("read an odd field")
+        self._streams: list[_ReaderStream] | None = None  # this epoch's readers (training)
+        self._resume: dict[str, Any] | None = None  # position to restore (from load_state_dict)
+        self._position: dict[str, Any] | None = None  # position after the last batch yielded
         self._decoder = None
         self._mel = None
         self._tmpdir: tempfile.TemporaryDirectory | None = None
         self._total = self._prepare_shards()
+        self._source_of: dict[str, int] = {}
+        for i, src in enumerate(sources):
+            for u in src.urls:
+                self._source_of.setdefault(u, i)
+        self._stream_urls: list[list[str]] = []  # shards of each training reader (all of them, any order)
         if self._total < world_size:
             raise ValueError(
                 f"data spec holds {self._total} samples for {world_size} ranks: every rank needs "
@@ -147,6 +173,24 @@ class DaliLoader:
                     f"data spec holds {self._total} samples, fewer than one global batch "
                     f"(data.batch_size={data_cfg.batch_size} x {world_size} ranks): lower "
                     "data.batch_size or add shards"
+                )
+            # Resampled: one reader per source, mixed per sample by the weights. Epoch mode: one
+            # reader over every shard (the weights are equal, checked above).
+            streams = sources if data_cfg.resampled else [Source("::".join(s.spec for s in sources), tuple(self.urls), 1.0)]
+            self._stream_urls = [list(src.urls) for src in streams]
+            weights = np.array([src.weight for src in streams], dtype=np.float64)
+            self._cum_weights = np.cumsum(weights) / weights.sum()
+            for src, (_, _, _, _, samples) in zip(streams, self._plan(0)):
+                if samples == 0:
+                    raise ValueError(
+                        f"data source {src.spec!r} leaves rank {rank} of {world_size} no readable "
+                        "sample: give every source at least one readable sample per rank"
+                    )
+            if self._epoch_batches(0) == 0:
+                raise ValueError(
+                    f"with data.resampled=false, some rank's shards of epoch 0 hold fewer than "
+                    f"data.batch_size={data_cfg.batch_size} samples: lower data.batch_size, give more "
+                    "or more even shards, or set data.resampled=true"
                 )
 
     # ------------------------------------------------------------------ pipelines
@@ -161,6 +205,7 @@ class DaliLoader:
         """
         self._paths: list[str] = []
         self._index_paths: list[str] = []
+        self._shard_index: dict[str, tuple[str, int]] = {}  # readable shard -> (its index, samples)
         total = 0
         for url in self.urls:
             idx = url[:-4] + ".idx" if url.endswith(".tar") else url + ".idx"
@@ -189,25 +234,52 @@ class DaliLoader:
                 Path(idx).write_text(f"{lines[0].split()[0]} {len(whole)}\n" + "\n".join(whole) + "\n")
             self._paths.append(url)
             self._index_paths.append(idx)
+            self._shard_index[url] = (idx, len(whole))
             total += len(whole)
         return total
 
-    def _build_reader(self, checkpoint: str | None):
+    def _plan(self, epoch: int) -> list[tuple[list[str], list[str], int, int, int]]:
+        """Per training reader, this rank's part of the epoch: (tar paths, index paths, DALI
+        shard_id, num_shards, samples). Shards r::world_size of the epoch's permutation, or a sample
+        range of it (DALI's sharding) when the source has fewer shards than ranks."""
+        out = []
+        for urls in self._stream_urls:
+            order = [u for u in epoch_shard_order(urls, self.data_cfg.seed, epoch) if u in self._shard_index]
+            per_rank = _rank_samples(order, self._shard_index, self.world_size)
+            if len(order) >= self.world_size:
+                paths, shard_id, num_shards = order[self.rank :: self.world_size], 0, 1
+            else:
+                paths, shard_id, num_shards = order, self.rank, self.world_size
+            idx = [self._shard_index[u][0] for u in paths]
+            out.append((paths, idx, shard_id, num_shards, per_rank[self.rank]))
+        return out
+
+    def _epoch_batches(self, epoch: int) -> int:
+        """Training batches per rank in ``epoch``, the same on every rank (a rank that stops early
+        would hang the others in their next collective)."""
+        if self.data_cfg.resampled:
+            return self._nominal
+        order = [u for u in epoch_shard_order(self._stream_urls[0], self.data_cfg.seed, epoch)
+                 if u in self._shard_index]
+        return min(_rank_samples(order, self._shard_index, self.world_size)) // self.data_cfg.batch_size
+
+    def _build_reader(
+        self, paths: list[str], index_paths: list[str], shard_id: int, num_shards: int,
+        seed: int, checkpoint: str | None = None,
+    ):
         from nvidia.dali import fn, pipeline_def
 
-        urls, idx = self._paths, self._index_paths
         train = self.train
         cfg = self.data_cfg
 
         @pipeline_def(
             batch_size=cfg.batch_size, num_threads=self.threads, device_id=None,
-            exec_dynamic=True, enable_checkpointing=train,
-            seed=(cfg.seed * 1_000_003 + self.rank) % (2**31),
+            exec_dynamic=True, enable_checkpointing=train, seed=seed % (2**31),
         )
         def reader():
             flac, meta = fn.readers.webdataset(
-                paths=urls, index_paths=idx, ext=["flac", "json"], missing_component_behavior="empty",
-                shard_id=self.rank, num_shards=self.world_size, random_shuffle=train,
+                paths=paths, index_paths=index_paths, ext=["flac", "json"], missing_component_behavior="empty",
+                shard_id=shard_id, num_shards=num_shards, random_shuffle=train,
                 initial_fill=max(cfg.shuffle_buffer, 1) if train else 1, pad_last_batch=not train,
                 stick_to_shard=not train, name="reader",
             )
@@ -267,6 +339,10 @@ class DaliLoader:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         self._skiplog.record(reason, where, detail)
 
+    def _warn(self, reason: str, where: str, detail: str) -> None:
+        self.warned[reason] = self.warned.get(reason, 0) + 1
+        self._warnlog.record(reason, where, detail)
+
     def _raw_rows(self, out) -> list[dict[str, Any]]:
         flac, meta, info = out
         rows = []
@@ -286,7 +362,7 @@ class DaliLoader:
         raw = {"__key__": row["key"]}
         if row["json"]:
             raw["json"] = row["json"]
-        meta = parse_meta(raw)
+        meta = parse_meta(raw, lambda reason, detail: self._warn(reason, row["where"], detail))
         data = row["flac"].tobytes()
         sample_rate, total = flac_header(data)
         if sample_rate != self.audio_cfg.sample_rate:
@@ -295,7 +371,7 @@ class DaliLoader:
         texts = text_fields(meta, self.data_cfg.caption, rng)
         cap = int(round(self.audio_cfg.max_seconds * self.audio_cfg.sample_rate))
         return {
-            "row": row.get("row", 0), "key": row["key"], "where": row["where"], "flac": row["flac"], "rng": rng,
+            "pick": row.get("pick", 0), "key": row["key"], "where": row["where"], "flac": row["flac"], "rng": rng,
             "long": total == 0 or total > cap, **texts,
         }
 
@@ -361,7 +437,7 @@ class DaliLoader:
                 continue
             res = apply_length_policy(wave, self.audio_cfg, row["rng"])
             samples.append({
-                "row": row.get("row", 0), "key": row["key"], "waveform": res.waveform, "length": res.length,
+                "pick": row["pick"], "key": row["key"], "where": row["where"], "waveform": res.waveform, "length": res.length,
                 "is_longer": res.is_longer, "fusion_starts": res.fusion_starts, "text": row["text"],
                 "all_texts": row["all_texts"], "tags": row["tags"],
             })
@@ -390,7 +466,7 @@ class DaliLoader:
 
     def __len__(self) -> int:
         if self.train:
-            return self._nominal
+            return self._epoch_batches(self.epoch)
         mine = self._shard_samples()
         return -(-mine // self.data_cfg.batch_size)
 
@@ -400,74 +476,123 @@ class DaliLoader:
         return (r + 1) * n // w - r * n // w
 
     def set_epoch(self, epoch: int) -> None:
-        """Reseed the per-sample choices (crops, fusion chunks, captions) for ``epoch``."""
+        """Select the epoch whose shard order and per-sample choices the next pass uses; a new epoch
+        starts at its beginning."""
         if epoch != self.epoch:
             self.epoch = epoch
             self.batches = 0
+            self._streams = None
+            self._resume = None
+            self._position = None
 
     def state_dict(self) -> dict[str, Any]:
+        position = self._position or self._resume or {"picks": 0, "readers": None, "skip_rows": None}
         return {
             "backend": "dali",
             "epoch": self.epoch,
             "batches": self.batches,
-            "reader": self._pending_ckpt,
-            "skip_rows": self._pending_skip,
+            **position,
             "world_size": self.world_size,
             "skipped": dict(self.skipped),
+            "warned": dict(self.warned),
+            "source_counts": list(self.source_counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("backend") != "dali" or state["world_size"] != self.world_size:
+        readers = state.get("readers") if "picks" in state else []
+        if (
+            state.get("backend") != "dali" or state["world_size"] != self.world_size
+            or (readers is not None and len(readers) != len(self._stream_urls))
+        ):
             raise ValueError(
                 f"data position was saved by backend {state.get('backend', 'wds')!r} with "
-                f"{state.get('world_size')} ranks; this run uses dali with {self.world_size}: resume "
-                "with the same data.backend and world size, or drop the loader state"
+                f"{state.get('world_size')} ranks and {len(readers or [])} reader(s); this run uses dali "
+                f"with {self.world_size} ranks and {len(self._stream_urls)} reader(s): resume with the "
+                "same data.backend, sources, data.resampled and world size, or drop the loader state"
             )
         self.epoch = int(state["epoch"])
         self.batches = int(state["batches"])
-        self._reader_ckpt = state["reader"]
-        self._skip_rows = int(state["skip_rows"])
-        self._reader = None
+        self._resume = {"picks": int(state["picks"]), "readers": readers, "skip_rows": state["skip_rows"]}
+        self._streams = None
+        self._position = None
         self.skipped = {k: int(v) for k, v in state.get("skipped", {}).items()}
+        self.warned = {k: int(v) for k, v in state.get("warned", {}).items()}
+        self.source_counts = [int(c) for c in state.get("source_counts", [0] * len(self.sources))]
 
-    _pending_ckpt: str | None = None
-    _pending_skip: int = 0
+    def _open_epoch(self) -> None:
+        """This epoch's readers, at the start of the epoch or at the restored position."""
+        resume = self._resume or {"picks": 0, "readers": None, "skip_rows": None}
+        n = len(self._stream_urls)
+        checkpoints = resume["readers"] or [None] * n
+        skips = resume["skip_rows"] or [0] * n
+        self._streams = []
+        for i, ((paths, idx, shard_id, num_shards, _), ckpt, skip) in enumerate(zip(self._plan(self.epoch), checkpoints, skips)):
+            seed = zlib.crc32(f"{self.data_cfg.seed}/{self.epoch}/{self.rank}/{i}".encode())
+            build = self._build_reader(paths, idx, shard_id, num_shards, seed, ckpt)
+            self._streams.append(_ReaderStream(build, self._raw_rows, int(skip)))
+        self._picks = int(resume["picks"])
+        self._pick_block = -1
+        # Rows handed out since the first sample not yet yielded: (pick, stream, reader checkpoint
+        # before its reader batch, row in that batch). The position to resume from starts there.
+        self._history: deque[tuple[int, int, Any, int]] = deque()
+        self._carry: list[dict[str, Any]] = []
+
+    def _pick(self, k: int) -> int:
+        """The reader (source) of pick ``k`` of this epoch on this rank: counter-based, so a resumed
+        run finds it without replaying the picks before it."""
+        block, offset = divmod(k, PICK_BLOCK)
+        if block != self._pick_block:
+            u = np.random.default_rng([self.data_cfg.seed, self.epoch, self.rank, block]).random(PICK_BLOCK)
+            self._block_picks = np.minimum(
+                np.searchsorted(self._cum_weights, u, side="right"), len(self._cum_weights) - 1
+            )
+            self._pick_block = block
+        return int(self._block_picks[offset])
+
+    def _snapshot(self, first_pick: int) -> dict[str, Any]:
+        """The position where pick ``first_pick`` (the first sample not yet yielded) starts."""
+        while self._history and self._history[0][0] < first_pick:
+            self._history.popleft()
+        readers, skips = [], []
+        for i, stream in enumerate(self._streams):
+            pending = next(((c, r) for _, s, c, r in self._history if s == i), None)
+            ckpt, row = pending if pending is not None else stream.position()
+            readers.append(ckpt)
+            skips.append(row)
+        return {"picks": first_pick, "readers": readers, "skip_rows": skips}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if not self.train:
             yield from self._iter_eval()
             return
-        if self._reader is None:
-            self._reader = self._build_reader(self._reader_ckpt)
-            # (sample, reader checkpoint before its reader batch, its row in that batch)
-            self._carry: list[tuple[dict[str, Any], str, int]] = []
-            self._pending_ckpt, self._pending_skip = self._reader.checkpoint(), self._skip_rows
-        if self.batches >= self._nominal:
+        if self.batches >= self._epoch_batches(self.epoch):
             self.set_epoch(self.epoch + 1)
+        if self._streams is None:
+            self._open_epoch()
+        limit = self._epoch_batches(self.epoch)
         bsz = self.data_cfg.batch_size
-        while self.batches < self._nominal:
+        while self.batches < limit:
             while len(self._carry) < bsz:
-                before = self._reader.checkpoint()
-                raw = self._raw_rows(self._reader.run())
-                first, self._skip_rows = self._skip_rows, 0  # resuming inside this reader batch
-                for r, row in enumerate(raw):
-                    row["row"] = r
-                kept = self._process(raw[first:])
-                for sample in kept:
-                    self._carry.append((sample, before, sample.pop("row")))
+                rows = []
+                for _ in range(bsz):
+                    s = self._pick(self._picks)
+                    row, ckpt, r = self._streams[s].next_row()
+                    self._history.append((self._picks, s, ckpt, r))
+                    rows.append({**row, "pick": self._picks})
+                    self._picks += 1
+                self._carry.extend(self._process(rows))
             out, self._carry = self._carry[:bsz], self._carry[bsz:]
-            # The position after this batch: the reader batch holding the first carried sample and
-            # how many of its rows (bad ones included) come before it.
-            if self._carry:
-                _, self._pending_ckpt, self._pending_skip = self._carry[0]
-            else:
-                self._pending_ckpt, self._pending_skip = self._reader.checkpoint(), 0
+            self._position = self._snapshot(self._carry[0]["pick"] if self._carry else self._picks)
             self.batches += 1
-            yield self._batch([s for s, _, _ in out])
+            for sample in out:
+                # where = DALI's "tar:offset:member"; a URL listed by two sources counts for the first.
+                self.source_counts[self._source_of.get(sample["where"].rsplit(":", 2)[0], 0)] += 1
+            yield self._batch(out)
+        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch)
         self.set_epoch(self.epoch + 1)
 
     def _iter_eval(self) -> Iterator[dict[str, Any]]:
-        reader = self._build_reader(None)
+        reader = self._build_reader(self._paths, self._index_paths, self.rank, self.world_size, self.data_cfg.seed)
         remaining = self._shard_samples()
         pending: list[dict[str, Any]] = []
         bsz = self.data_cfg.batch_size
@@ -480,6 +605,41 @@ class DaliLoader:
                 pending = pending[bsz:]
         if pending:
             yield self._batch(pending)
+
+
+class _ReaderStream:
+    """One training reader and the rows it has read but not yet handed out, each with the reader
+    checkpoint taken before its reader batch and its row in that batch (where a resume starts)."""
+
+    def __init__(self, reader: Any, to_rows: Callable[[Any], list[dict[str, Any]]], skip_rows: int = 0):
+        self.reader = reader
+        self._to_rows = to_rows
+        self._skip = skip_rows  # rows of the first reader batch already used (resuming inside it)
+        self._buffer: deque[tuple[dict[str, Any], Any, int]] = deque()
+
+    def next_row(self) -> tuple[dict[str, Any], Any, int]:
+        """(row, checkpoint before its reader batch, its row in that batch)."""
+        while not self._buffer:
+            before = self.reader.checkpoint()
+            rows = self._to_rows(self.reader.run())
+            self._buffer.extend((row, before, r) for r, row in enumerate(rows) if r >= self._skip)
+            self._skip = 0
+        return self._buffer.popleft()
+
+    def position(self) -> tuple[Any, int]:
+        """Where the next row handed out starts."""
+        if self._buffer:
+            _, ckpt, r = self._buffer[0]
+            return ckpt, r
+        return self.reader.checkpoint(), self._skip
+
+
+def _rank_samples(order: list[str], shards: dict[str, tuple[str, int]], world_size: int) -> list[int]:
+    """Samples each rank reads of the shards in ``order`` (the split ``DaliLoader._plan`` makes)."""
+    if len(order) >= world_size:
+        return [sum(shards[u][1] for u in order[r::world_size]) for r in range(world_size)]
+    n = sum(shards[u][1] for u in order)
+    return [(r + 1) * n // world_size - r * n // world_size for r in range(world_size)]
 
 
 def _index_line_end(line: str) -> int:

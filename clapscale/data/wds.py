@@ -5,9 +5,13 @@ Per sample: read the tar members -> shuffle buffer (training) -> decode FLAC wit
 process on each batch (the tokenizer is never pickled into workers).
 
 Shard assignment:
-  - training, ``data.resampled: true``: every worker draws shards with replacement (sources picked by
-    their mixing weights) from a generator seeded by (seed, epoch, rank, worker); an epoch is nominal:
-    total samples in the spec // (batch_size * world_size) batches per rank.
+  - training, ``data.resampled: true``: every worker keeps one shard open per source and draws the
+    source of every sample by the mixing weights, so each source's share of samples is its weight
+    whatever its shard sizes (binomial: within 3 * sqrt(w (1 - w) / n) of w after n samples, at
+    99.7 %); a source's next shard is drawn with replacement when its open one ends. The generator is
+    seeded by (seed, epoch, rank, worker); an epoch is nominal: total samples in the spec //
+    (batch_size * world_size) batches per rank. The realised shares are counted
+    (``WdsLoader.source_counts``) and logged at the end of every epoch.
   - training, ``data.resampled: false``: each epoch shuffles the shard list with (seed, epoch), gives
     rank r the shards r::world_size and worker w of that rank every W-th of those. A rank with no shard
     fails at start saying how many are needed. The last partial batch of each worker is dropped.
@@ -39,7 +43,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clapscale.config import AudioConfig, DataConfig
-from clapscale.data.captions import EmptyCaptionError, choose_caption, clean_captions
+from clapscale.data.captions import EmptyCaptionError, choose_caption, clean_captions, normalise_tags
 from clapscale.data.policies import apply_length_policy
 from clapscale.data.specs import Source, all_urls, shard_sizes
 
@@ -57,6 +61,10 @@ SKIP_REASONS = (
     "unreadable_shard",  # a shard that cannot be opened at all
 )
 
+WARN_REASONS = (
+    "tag_coerced",  # "tag"/"tags" not a list of strings (a bare string or number): read, and counted
+)
+
 
 class SkipSample(Exception):
     """A bad sample; ``reason`` is one of ``SKIP_REASONS``."""
@@ -68,17 +76,18 @@ class SkipSample(Exception):
 
 
 class SkipLog:
-    """Counts skipped samples per reason and logs them rate-limited: the first 3 of each reason,
-    then at 10, 100, 1000, ... occurrences."""
+    """Counts skipped samples (or, with ``what``, other events such as coerced fields) per reason and
+    logs them rate-limited: the first 3 of each reason, then at 10, 100, 1000, ... occurrences."""
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "skipped bad sample") -> None:
         self.counts: Counter[str] = Counter()
+        self.what = what
 
     def record(self, reason: str, where: str, detail: str = "") -> None:
         self.counts[reason] += 1
         n = self.counts[reason]
         if n <= 3 or (n >= 10 and str(n).strip("0") == "1"):
-            log.warning("skipped bad sample (%s, %d so far): %s %s", reason, n, where, detail)
+            log.warning("%s (%s, %d so far): %s %s", self.what, reason, n, where, detail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,7 +160,10 @@ def decode_audio(data: bytes, audio_cfg: AudioConfig) -> np.ndarray:
     return wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
 
 
-def parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
+def parse_meta(raw: dict[str, Any], on_warn: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+    """The sample's JSON object, with ``tag`` normalised to a list of strings (``tags`` read as an
+    alias, a bare value coerced: see ``normalise_tags``; each coercion reported through
+    ``on_warn(reason, detail)``). Raises ``SkipSample`` for a missing or bad JSON or no caption."""
     if "json" not in raw:
         raise SkipSample("missing_json")
     try:
@@ -162,6 +174,10 @@ def parse_meta(raw: dict[str, Any]) -> dict[str, Any]:
         raise SkipSample("bad_json", f"top level is {type(meta).__name__}, not an object")
     if not clean_captions(meta.get("text")):
         raise SkipSample("empty_caption")
+    tags, note = normalise_tags(meta)
+    if note and on_warn is not None:
+        on_warn("tag_coerced", note)
+    meta["tag"] = tags
     return meta
 
 
@@ -181,15 +197,21 @@ def text_fields(meta: dict[str, Any], caption_mode: str, rng: np.random.Generato
     return {
         "text": text,
         "all_texts": clean_captions(meta.get("text")),
-        "tags": [t for t in meta.get("tag") or [] if isinstance(t, str)],
+        "tags": normalise_tags(meta)[0],
     }
 
 
 def decode_sample(
-    raw: dict[str, Any], audio_cfg: AudioConfig, data_cfg: DataConfig, epoch: int, train: bool
+    raw: dict[str, Any],
+    audio_cfg: AudioConfig,
+    data_cfg: DataConfig,
+    epoch: int,
+    train: bool,
+    on_warn: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
-    """Raw tar sample -> decoded sample dict; raises ``SkipSample`` for bad ones."""
-    meta = parse_meta(raw)
+    """Raw tar sample -> decoded sample dict; raises ``SkipSample`` for bad ones (``on_warn``: see
+    ``parse_meta``)."""
+    meta = parse_meta(raw, on_warn)
     if "flac" not in raw:
         raise SkipSample("missing_audio")
     rng = sample_rng(data_cfg.seed, epoch, raw["__key__"]) if train else None
@@ -234,6 +256,14 @@ def collate_meta(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def epoch_shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
+    """This epoch's permutation of ``urls``: a function of (seed, epoch) only, shared by both backends
+    so one seed reads the shards in the same order whichever backend reads them."""
+    order = list(urls)
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
 def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Stream shuffle: keep ``size`` items, emit a random one as each new item arrives
     (``size`` <= 1: no shuffle)."""
@@ -260,9 +290,10 @@ def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Itera
 class ShardStream(IterableDataset):
     """Yields whole batches from inside a DataLoader worker (``batch_size=None`` in the DataLoader).
 
-    Each batch carries three private keys the ``WdsLoader`` strips: ``_worker`` (id), ``_consumed``
-    (raw samples this worker has taken from its shuffled stream this epoch, bad ones included) and
-    ``_skipped`` (reason -> count since the previous batch).
+    Each batch carries private keys the ``WdsLoader`` strips: ``_worker`` (id), ``_consumed`` (raw
+    samples this worker has taken from its shuffled stream this epoch, bad ones included),
+    ``_skipped`` and ``_warned`` (reason -> count since the previous batch) and ``_sources`` (samples
+    of the batch per source index).
     """
 
     def __init__(
@@ -307,17 +338,42 @@ class ShardStream(IterableDataset):
         if cfg.resampled:
             raw = self._resampled(rng, on_skip)
         else:
-            urls = all_urls(self.sources)
-            random.Random(f"{cfg.seed}/{self.epoch}").shuffle(urls)
+            urls = epoch_shard_order(all_urls(self.sources), cfg.seed, self.epoch)
             mine = urls[self.rank :: self.world_size][worker :: self.num_workers]
             raw = (s for u in mine for s in iter_tar_samples(u, on_skip))
         yield from shuffle_buffer(raw, cfg.shuffle_buffer, rng)
 
     def _resampled(self, rng: random.Random, on_skip: Callable[[str, str, str], None]) -> Iterator[dict]:
+        """Endless raw samples, the source of each drawn by the mixing weights.
+
+        One shard stays open per source, so the weights hold per sample whatever the shard sizes
+        (drawing a source per shard and reading the whole shard gave each source weight x mean shard
+        size: 0.836 / 0.164 for weights 0.5::0.5 over shards of 512 and 100 samples). A source's next
+        shard is drawn with replacement when its open one ends.
+        """
         weights = [s.weight for s in self.sources]
+        indices = range(len(self.sources))
+        open_shards: list[Iterator[dict] | None] = [None] * len(self.sources)
         while True:
-            src = rng.choices(self.sources, weights=weights)[0]
-            yield from iter_tar_samples(rng.choice(src.urls), on_skip)
+            i = rng.choices(indices, weights=weights)[0]
+            src = self.sources[i]
+            empty: set[str] = set()  # shards of this source that gave nothing since its last sample
+            while True:
+                if open_shards[i] is None:
+                    url = rng.choice(src.urls)
+                    open_shards[i] = iter_tar_samples(url, on_skip)
+                raw = next(open_shards[i], None)  # type: ignore[arg-type]
+                if raw is not None:
+                    break
+                open_shards[i] = None
+                empty.add(url)
+                if len(empty) == len(set(src.urls)):
+                    raise ValueError(
+                        f"data source {src.spec!r}: none of its {len(empty)} shard(s) holds a readable "
+                        "sample (see the skip warnings above); fix or remove the source, or drop it "
+                        "from data.train"
+                    )
+            yield raw
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -325,50 +381,87 @@ class ShardStream(IterableDataset):
         # pass continue the round-robin with the worker whose turn it was.
         worker = ((info.id if info is not None else 0) + self.rotation) % self.num_workers
         delta: Counter[str] = Counter()
+        warned: Counter[str] = Counter()
         skiplog = SkipLog()
+        warnlog = SkipLog("read an odd field")
+        where = ""  # the sample being decoded, for on_warn
 
         def on_skip(reason: str, where: str, detail: str) -> None:
             delta[reason] += 1
             skiplog.record(reason, where, detail)
+
+        def on_warn(reason: str, detail: str) -> None:
+            warned[reason] += 1
+            warnlog.record(reason, where, detail)
 
         # Resampled streams are re-seeded from the position instead of replayed (see _raw_stream).
         to_skip = 0 if (self.data_cfg.resampled and self.train) else self.resume[worker]
         consumed = self.resume[worker]
         if to_skip:
             consumed = 0
+        # Source index of each shard, to count the realised mixing (a URL listed by two sources
+        # counts for the first).
+        source_of: dict[str, int] = {}
+        for i, src in enumerate(self.sources):
+            for u in src.urls:
+                source_of.setdefault(u, i)
         batch: list[dict[str, Any]] = []
+        batch_sources: list[int] = []
         for raw in self._raw_stream(worker, on_skip):
             consumed += 1
             if to_skip:
                 to_skip -= 1
                 continue
+            where = f"{raw['__url__']}:{raw['__key__']}"
             try:
-                batch.append(decode_sample(raw, self.audio_cfg, self.data_cfg, self.epoch, self.train))
+                batch.append(decode_sample(raw, self.audio_cfg, self.data_cfg, self.epoch, self.train, on_warn))
             except SkipSample as e:
-                on_skip(e.reason, f"{raw['__url__']}:{raw['__key__']}", e.detail)
+                on_skip(e.reason, where, e.detail)
                 continue
+            batch_sources.append(source_of.get(raw["__url__"], 0))
             if len(batch) == self.data_cfg.batch_size:
-                yield self._emit(batch, worker, consumed, delta)
-                batch = []
+                yield self._emit(collate(batch), worker, consumed, delta, warned, batch_sources)
+                batch, batch_sources = [], []
         if batch and not self.train:
-            yield self._emit(batch, worker, consumed, delta)
-        elif delta:
-            # No batch left to carry the last skip counts: send them alone so none is lost.
-            yield {"_worker": worker, "_consumed": consumed, "_skipped": dict(delta)}
+            yield self._emit(collate(batch), worker, consumed, delta, warned, batch_sources)
+        elif delta or warned:
+            # No batch left to carry the last counts: send them alone so none is lost.
+            yield self._emit({}, worker, consumed, delta, warned, [])
 
     @staticmethod
-    def _emit(batch: list[dict], worker: int, consumed: int, delta: Counter) -> dict[str, Any]:
-        out = collate(batch)
-        out["_worker"] = worker
-        out["_consumed"] = consumed
-        out["_skipped"] = dict(delta)
-        delta.clear()
+    def _emit(
+        out: dict[str, Any], worker: int, consumed: int, skipped: Counter, warned: Counter, sources: list[int]
+    ) -> dict[str, Any]:
+        out |= {"_worker": worker, "_consumed": consumed, "_skipped": dict(skipped), "_warned": dict(warned),
+                "_sources": dict(Counter(sources))}
+        skipped.clear()
+        warned.clear()
         return out
 
 
 # ----------------------------------------------------------------------------------------------
 # The loader the trainer sees
 # ----------------------------------------------------------------------------------------------
+
+
+def source_shares(sources: list[Source], counts: list[int]) -> dict[str, float]:
+    """Realised share of the emitted samples per source spec (0.0 for all before any sample)."""
+    total = sum(counts)
+    return {src.spec: (n / total if total else 0.0) for src, n in zip(sources, counts)}
+
+
+def log_source_shares(sources: list[Source], counts: list[int], rank: int, epoch: int) -> None:
+    """One log line: each source's realised share of the samples this rank has emitted so far
+    against its configured share (the normalised mixing weight)."""
+    if len(sources) < 2:
+        return
+    total_w = sum(s.weight for s in sources)
+    parts = [
+        f"{src.spec} {share:.3f} (configured {src.weight / total_w:.3f})"
+        for src, share in zip(sources, source_shares(sources, counts).values())
+    ]
+    log.info("rank %d after epoch %d, %d samples: realised source shares %s",
+             rank, epoch, sum(counts), "; ".join(parts))
 
 
 class WdsLoader:
@@ -424,6 +517,8 @@ class WdsLoader:
         self.batches = 0  # batches yielded in the current epoch
         self.consumed = [0] * max(self.num_workers, 1)
         self.skipped: dict[str, int] = {}
+        self.warned: dict[str, int] = {}  # reason (WARN_REASONS) -> samples read with a coerced field
+        self.source_counts = [0] * len(sources)  # training samples emitted per source, this run
         self._nominal_batches: int | None = None
         if train and data_cfg.resampled:
             total = sum(shard_sizes(urls).values())
@@ -453,7 +548,7 @@ class WdsLoader:
             return self._nominal_batches
         urls = all_urls(self.sources)
         sizes = shard_sizes(urls)
-        random.Random(f"{self.data_cfg.seed}/{epoch}").shuffle(urls)
+        urls = epoch_shard_order(urls, self.data_cfg.seed, epoch)
         per_rank = []
         for r in range(self.world_size):
             mine = urls[r :: self.world_size]
@@ -478,6 +573,8 @@ class WdsLoader:
             "workers": self.num_workers,
             "world_size": self.world_size,
             "skipped": dict(self.skipped),
+            "warned": dict(self.warned),
+            "source_counts": list(self.source_counts),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -494,6 +591,9 @@ class WdsLoader:
         self.batches = int(state["batches"])
         self.consumed = [int(c) for c in state["consumed"]]
         self.skipped = {k: int(v) for k, v in state.get("skipped", {}).items()}
+        self.warned = {k: int(v) for k, v in state.get("warned", {}).items()}
+        counts = state.get("source_counts", [])
+        self.source_counts = [int(c) for c in counts] if len(counts) == len(self.sources) else [0] * len(self.sources)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if not self.train:
@@ -513,6 +613,7 @@ class WdsLoader:
                 yield from self._pass(self._stream(None, 0), track=False, limit=limit)
                 if self.batches == before:
                     raise RuntimeError(f"rank {self.rank} cannot make a single batch: every sample is bad")
+        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch)
         self._next_epoch()
 
     def _stream(self, resume: list[int] | None, batches: int) -> DataLoader:
@@ -544,6 +645,12 @@ class WdsLoader:
                 self.consumed[worker] = consumed
             for reason, n in batch.pop("_skipped").items():
                 self.skipped[reason] = self.skipped.get(reason, 0) + n
+            for reason, n in batch.pop("_warned").items():
+                self.warned[reason] = self.warned.get(reason, 0) + n
+            sources = batch.pop("_sources")
+            if self.train:
+                for i, n in sources.items():
+                    self.source_counts[i] += n
             if "keys" not in batch:
                 continue
             self.batches += 1
