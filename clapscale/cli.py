@@ -18,7 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("clapscale.models.cli:models_main", "list towers with parameter counts and GFLOPs per 10 s clip"),
     "export-hf": ("clapscale.models.cli:export_hf_main", "export an HTSAT+RoBERTa model to a transformers ClapModel directory"),
     "import-hf": ("clapscale.models.cli:import_hf_main", "import a transformers ClapModel directory as a clapscale checkpoint"),
-    "shards": ("clapscale.shards.cli:main", "build or verify shards (same as tools/make_shards.py)"),
+    "import-laion": ("clapscale.models.cli:import_laion_main", "import a whole laion_clap checkpoint (.pt) as a clapscale model"),
+    "shards": ("clapscale.shards.cli:main", "build, verify or index shards (same as tools/make_shards.py)"),
 }
 
 

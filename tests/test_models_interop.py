@@ -214,3 +214,92 @@ def test_htsat_checkpoint_of_another_size_is_refused(tmp_path):
     )
     with pytest.raises(CheckpointMismatchError, match=r"patch_embed\.proj\.weight: checkpoint \(128, 1, 4, 4\)"):
         build_audio_tower(cfg.model, cfg.audio)
+
+
+def _hf_to_laion_checkpoint(hf_state: dict[str, torch.Tensor], layout: str) -> dict:
+    """A transformers ClapModel's weights in the layout LAION released: ``text_branch.*`` with the
+    ``embeddings.position_ids`` older transformers saved, ``*_projection.{0,2}``, both temperatures,
+    the unused heads; nested as a training checkpoint with ``module.`` prefixes, or bare."""
+    ours_names: dict[str, torch.Tensor] = {}
+    for key, value in hf_state.items():
+        if key.startswith("audio_model."):
+            ours_names["audio_tower.model." + key[len("audio_model."):]] = value
+        elif key.startswith("text_model."):
+            if key.endswith(("position_ids", "token_type_ids")):
+                continue
+            ours_names["text_tower.encoder." + key[len("text_model."):]] = value
+        elif key == "logit_scale_a":
+            ours_names["logit_scale"] = value
+        elif key != "logit_scale_t":
+            ours_names[key] = value
+    laion = _to_laion_names(ours_names)  # "module." + LAION names
+    laion["module.text_branch.embeddings.position_ids"] = torch.arange(80)[None]
+    if layout == "training":
+        return {"epoch": 45, "state_dict": laion, "optimizer": {"state": {}, "param_groups": []}}
+    return {k.removeprefix("module."): v for k, v in laion.items()}
+
+
+@pytest.mark.parametrize("fusion,layout", [("none", "training"), ("aff", "bare")])
+def test_import_laion_checkpoint_matches_transformers(roberta_dir, tmp_path, fusion, layout):
+    """`clapscale import-laion` on a whole laion_clap checkpoint built from a random transformers
+    ClapModel: the imported model, loaded through clapscale.inference, embeds audio and text as
+    transformers' ClapModel does with the same weights, with the same temperature."""
+    from transformers import ClapModel as HFClapModel
+
+    import clapscale.inference as ci
+    from clapscale.cli import main as cli_main
+    from clapscale.models.interop import hf_clap_config
+
+    cfg, model = htsat_roberta(roberta_dir, fusion)
+    torch.manual_seed(1)
+    hf = randomize_(HFClapModel(hf_clap_config(model, cfg)), seed=1).eval()
+    with torch.no_grad():
+        hf.logit_scale_a.fill_(3.3)
+        hf.logit_scale_t.fill_(3.3)
+    torch.save(_hf_to_laion_checkpoint(hf.state_dict(), layout), tmp_path / "laion.pt")
+
+    assert cli_main(["import-laion", str(tmp_path / "laion.pt"), str(tmp_path / "ours"), "--text", str(roberta_dir)]) == 0
+    clap = ci.load(tmp_path / "ours", device="cpu")
+    assert (clap.cfg.model.audio.size, clap.cfg.model.audio.fusion) == ("tiny", fusion)
+    assert clap.cfg.audio.mel_scale == ("htk" if fusion == "aff" else "slaney")
+
+    mel = torch.randn(2, 4 if fusion == "aff" else 1, 1001, 64)
+    is_longer = torch.tensor([fusion == "aff", False])
+    texts = ["the sound of rain", "a dog barks and a door shuts"]
+    tok = clap.tokenizer(texts)
+    ref_tok = build_tokenizer(cfg.model.text)(texts)  # the tokenizer of --text
+    assert torch.equal(tok["input_ids"], ref_tok["input_ids"])
+    with torch.no_grad():
+        got_a = clap.model.encode_audio(mel, is_longer)
+        got_t = clap.model.encode_text(tok["input_ids"], tok["attention_mask"])
+        ref_a = hf.get_audio_features(input_features=mel.clone(), is_longer=is_longer[:, None]).pooler_output
+        ref_t = hf.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
+    torch.testing.assert_close(got_a, ref_a, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got_t, ref_t, atol=2e-5, rtol=1e-4)
+    assert clap.model.logit_scale.item() == pytest.approx(3.3)
+
+
+def test_import_laion_refuses_what_it_cannot_import(roberta_dir, tmp_path, capsys):
+    from clapscale.models.cli import import_laion_main
+
+    cfg, model = htsat_roberta(roberta_dir, "none")
+    good = _to_laion_names(model.state_dict())
+    args = ["--text", str(roberta_dir)]
+    # Not a laion_clap checkpoint: only an audio tower.
+    torch.save({k: v for k, v in good.items() if "text_branch" not in k}, tmp_path / "audio.pt")
+    assert import_laion_main([str(tmp_path / "audio.pt"), str(tmp_path / "o1"), *args]) == 1
+    assert "not a laion_clap checkpoint (no text_branch.* tensors" in capsys.readouterr().err
+    # A text directory of another size than the checkpoint's text branch: the tensor is named.
+    other = make_tiny_roberta_dir(tmp_path / "wide")
+    conf = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**conf, "intermediate_size": 48}))
+    torch.save({"state_dict": good}, tmp_path / "laion.pt")
+    assert import_laion_main([str(tmp_path / "laion.pt"), str(tmp_path / "o2"), "--text", str(other)]) == 1
+    assert "text_tower.encoder.encoder.layer.0.intermediate.dense.weight: checkpoint (64, 32)" in capsys.readouterr().err
+    # A file that is not a checkpoint, a missing file: one line, exit 1.
+    (tmp_path / "junk.pt").write_bytes(b"<html>404 Not Found</html>")  # a failed download
+    assert import_laion_main([str(tmp_path / "junk.pt"), str(tmp_path / "o3"), *args]) == 1
+    assert "junk.pt: not a readable torch checkpoint" in capsys.readouterr().err
+    assert import_laion_main([str(tmp_path / "none.pt"), str(tmp_path / "o4"), *args]) == 1
+    assert "checkpoint file not found" in capsys.readouterr().err
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))

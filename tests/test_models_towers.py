@@ -136,6 +136,26 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
 
 
+def test_cnn_fusion_drops_out_the_fused_map_like_laion_cnn14():
+    """LAION-CLAP's Cnn14 (pann_model.py) fuses block 1's global map with the local chunks, *then* applies
+    the 0.2 dropout that PANNs puts after every block: the local branch is dropped out too. So the input
+    of block 2 must be dropout(fused): each element either 0 or fused / (1 - p), about p of them 0."""
+    torch.manual_seed(0)
+    tower = build_cnn("tiny", fusion="aff").train()
+    p = tower.spec.block_dropout
+    seen = {}
+    tower.fusion_model.register_forward_hook(lambda m, args, out: seen.__setitem__("fused", out.detach()))
+    tower.conv_block2.register_forward_pre_hook(lambda m, args: seen.__setitem__("block2_in", args[0].detach()))
+    tower(torch.randn(2, 4, 1001, 64), torch.tensor([True, True]))
+    fused, block2_in = seen["fused"], seen["block2_in"]  # both (2, 16, 250, 16): every sample is longer
+    assert fused.shape == block2_in.shape
+    live = fused != 0
+    dropped = (block2_in == 0) & live
+    kept = (block2_in != 0) & live
+    torch.testing.assert_close(block2_in[kept], fused[kept] / (1 - p))
+    assert dropped.sum() / live.sum() == pytest.approx(p, abs=0.01)
+
+
 def test_htsat_gradient_checkpointing_gives_the_same_gradients():
     from clapscale.models.audio.htsat import HTSAT, htsat_config
 

@@ -215,7 +215,7 @@ class DaliLoader:
             except (OSError, IndexError, ValueError) as e:
                 raise FileNotFoundError(
                     f"DALI needs a wds2idx index beside each shard; {idx} is missing or unreadable "
-                    f"({e}); rewrite the shards with tools/make_shards.py or run wds2idx"
+                    f"({e}); index shards made elsewhere (LAION's) once with `clapscale shards index {Path(url).parent}`"
                 ) from e
             try:
                 size = os.stat(url).st_size

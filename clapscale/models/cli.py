@@ -168,3 +168,31 @@ def import_hf_main(argv: list[str]) -> int:
     a = cfg.model.audio
     print(f"wrote clapscale model (htsat-{a.size}, fusion {a.fusion}, roberta) to {args.out_dir}")
     return 0
+
+
+def import_laion_main(argv: list[str]) -> int:
+    """`clapscale import-laion CKPT OUT --text DIR`: a whole laion_clap checkpoint -> clapscale model."""
+    parser = argparse.ArgumentParser(
+        prog="clapscale import-laion",
+        description="Turn a laion_clap checkpoint (.pt as released, e.g. 630k-audioset-best.pt or "
+        "630k-audioset-fusion-best.pt: HTSAT audio tower, text tower, both projections, temperature) into "
+        "a clapscale model directory (config.yaml + model.safetensors + text/) that clapscale.inference, "
+        "`clapscale eval` and train.init_from load. HTSAT size and fusion are read from the tensors.",
+    )
+    parser.add_argument("checkpoint", help="the laion_clap .pt (with or without 'module.' prefixes / 'state_dict')")
+    parser.add_argument("out_dir")
+    parser.add_argument("--text", required=True, metavar="DIR",
+                        help="the text model's directory: config.json + tokenizer files (a local copy of "
+                        "roberta-base for laion_clap's released models); its weights are not used")
+    args = parser.parse_args(argv)
+    from clapscale.models.interop import import_laion
+
+    try:
+        _, cfg = import_laion(args.checkpoint, args.out_dir, args.text)
+    except (ValueError, OSError) as e:
+        print(f"clapscale import-laion: {e}", file=sys.stderr)
+        return 1
+    a = cfg.model.audio
+    print(f"wrote clapscale model (htsat-{a.size}, fusion {a.fusion}, {cfg.model.text.name}, "
+          f"embed {cfg.model.embed_dim}) to {args.out_dir}")
+    return 0

@@ -18,6 +18,10 @@ renamed to the transformers names first (the renaming transformers' own conversi
 applies), then as above. LAION's unused heads (``tscam_conv``, ``head``, ``*_transform``) and its
 STFT / mel buffers are dropped. transformers' ``ClapModel`` has one temperature per direction;
 clapscale has one, so import takes ``logit_scale_a`` (LAION trains them equal) and export writes both.
+
+``import_laion`` (``clapscale import-laion``) turns a whole laion_clap ``.pt`` into a clapscale model
+directory: the HTSAT size and fusion are read from the tensors, the text tower's config and tokenizer
+come from a directory the user gives (a checkpoint holds weights only).
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ _LAION_HTSAT_RENAMES = (
 _LAION_DROP = re.compile(
     r"^(text_transform|audio_transform)\.|^audio_branch\.(spectrogram_extractor|logmel_extractor|"
     r"tscam_conv|head|fc_audioset)\.|attn_mask$"
+    # Index buffers older transformers saved with the text tower (laion_clap's own loader deletes
+    # position_ids); they hold arange() values, not weights.
+    r"|^text_branch\.embeddings\.(position_ids|token_type_ids)$"
 )
 
 
@@ -344,4 +351,120 @@ def import_hf(src: str | Path, dst: str | Path):
     model.load_state_dict(state, strict=False)
     save_model(model, cfg, dst)
     (dst / "imported_from.json").write_text(json.dumps({"source": str(src)}))
+    return model.eval(), cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Whole laion_clap checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def read_laion_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a laion_clap checkpoint in the layouts LAION published: a training checkpoint
+    (``{"epoch", "state_dict": {"module.<name>": ...}, "optimizer", ...}``) or a bare state dict,
+    with or without ``module.`` prefixes. Loaded with ``weights_only=True`` (no code runs)."""
+    import pickle
+    import struct
+    import zipfile
+
+    try:
+        state = read_state_dict(path)
+    # What torch.load raises on a damaged or non-torch file, or one that needs code to unpickle.
+    except (pickle.UnpicklingError, RuntimeError, EOFError, struct.error, zipfile.BadZipFile) as e:
+        raise CheckpointMismatchError(
+            f"{path}: not a readable torch checkpoint with tensors only ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); is the download complete?"
+        ) from e
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for branch in ("audio_branch.", "text_branch."):
+        if not any(k.startswith(branch) for k in state):
+            raise CheckpointMismatchError(
+                f"{path}: not a laion_clap checkpoint (no {branch}* tensors among {len(state)}); for an "
+                "audio tower alone use model.audio.pretrained"
+            )
+    return state
+
+
+def laion_htsat_layout(state: dict[str, torch.Tensor], where: str) -> tuple[str, str, int]:
+    """``(size, fusion, n_mels)`` of the HTSAT in a laion_clap state dict, read from its tensors:
+    the patch embedding width and blocks per stage give the size, ``fusion_model`` the fusion."""
+    from clapscale.models.audio.htsat import HTSAT_SIZES
+
+    if "audio_branch.patch_embed.proj.weight" not in state:
+        raise CheckpointMismatchError(
+            f"{where}: the audio branch is not HTSAT (no audio_branch.patch_embed.proj.weight); only "
+            "HTSAT laion_clap checkpoints are imported"
+        )
+    width = int(state["audio_branch.patch_embed.proj.weight"].shape[0])
+    blocks: dict[int, set[int]] = {}
+    for key in state:
+        m = re.match(r"audio_branch\.layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if m:
+            blocks.setdefault(int(m[1]), set()).add(int(m[2]))
+    depths = [len(blocks[i]) for i in sorted(blocks)]
+    size = next((n for n, d in HTSAT_SIZES.items()
+                 if d["patch_embeds_hidden_size"] == width and list(d["depths"]) == depths), None)
+    if size is None:
+        raise CheckpointMismatchError(
+            f"{where}: HTSAT with embed {width} and depths {depths} is none of the sizes {', '.join(HTSAT_SIZES)}"
+        )
+    if any(".fusion_model.local_att2." in k for k in state):
+        raise CheckpointMismatchError(f"{where}: iAFF fusion is not supported for HTSAT (aff_2d is)")
+    if any(".fusion_model.local_att." in k for k in state):
+        fusion = "aff"
+    elif any(".mel_conv2d." in k for k in state):
+        raise CheckpointMismatchError(f"{where}: DAF fusion is not supported for HTSAT (aff_2d is)")
+    else:
+        fusion = "none"
+    return size, fusion, int(state["audio_branch.bn0.weight"].shape[0])
+
+
+def import_laion(src: str | Path, dst: str | Path, text_dir: str | Path):
+    """Turn a whole laion_clap checkpoint (HTSAT audio tower, RoBERTa or BERT text tower, both
+    projections, temperature) into a clapscale model directory at ``dst`` and return
+    ``(ClapModel, Config)``.
+
+    ``text_dir`` holds the text tower's ``config.json`` and tokenizer files (a local copy of
+    ``roberta-base``, which laion_clap builds its text branch from): a checkpoint carries weights
+    only. Every tensor of the model must come from the checkpoint (strict; shapes checked).
+    """
+    from transformers import AutoConfig
+
+    from clapscale.config import config_from_dict
+    from clapscale.models.checkpoint import save_model
+    from clapscale.models.factory import build_model
+
+    src, dst, text_dir = Path(src), Path(dst), Path(text_dir)
+    state = read_laion_checkpoint(src)
+    size, fusion, n_mels = laion_htsat_layout(state, str(src))
+    try:
+        text_type = AutoConfig.from_pretrained(text_dir, local_files_only=True).model_type
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--text {text_dir}: no readable config.json ({e}); give the directory of the "
+                         "text model the checkpoint was trained with (laion_clap: roberta-base)") from e
+    if text_type not in ("roberta", "bert"):
+        raise ValueError(f"--text {text_dir}: model_type {text_type!r}; laion_clap text branches imported "
+                         "here are roberta or bert")
+    if "audio_projection.2.weight" not in state or "logit_scale_a" not in state:
+        raise CheckpointMismatchError(f"{src}: no audio_projection.2.weight or logit_scale_a: not a whole CLAP")
+    fused = fusion != "none"
+    cfg = config_from_dict({
+        "audio": {
+            "n_mels": n_mels,
+            # LAION's fused models use HTK mels without norm, its unfused ones Slaney (DESIGN.md).
+            "mel_scale": "htk" if fused else "slaney",
+            "length_policy": "fusion" if fused else "rand_trunc",
+        },
+        "model": {
+            "audio": {"name": "htsat", "size": size, "fusion": fusion},
+            "text": {"name": text_type, "path": str(text_dir), "pretrained": False},
+            "embed_dim": int(state["audio_projection.2.weight"].shape[0]),
+        },
+    })
+    model = build_model(cfg)
+    ours = laion_to_clapscale_state(state, "htsat")
+    check_shapes(model, ours, where=f"{src} (with --text {text_dir})", strict=True)
+    model.load_state_dict(ours, strict=True)
+    save_model(model, cfg, dst)
+    (dst / "imported_from.json").write_text(json.dumps({"source": str(src), "format": "laion_clap"}))
     return model.eval(), cfg

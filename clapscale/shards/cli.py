@@ -1,7 +1,8 @@
-"""``tools/make_shards.py`` / ``clapscale shards``: build or verify WebDataset shards.
+"""``tools/make_shards.py`` / ``clapscale shards``: build, verify or index WebDataset shards.
 
-Exit codes: 0 success; 1 a build where no clip was accepted, or --verify found problems;
-2 bad arguments or an unusable source; 130 interrupted (rerun the same command to finish).
+Exit codes: 0 success; 1 a build where no clip was accepted, --verify found problems, or a shard
+could not be indexed; 2 bad arguments or an unusable source; 130 interrupted (rerun the same
+command to finish).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ examples:
   make_shards.py --preset esc50 ~/datasets/ESC-50-master --out shards/esc50
   make_shards.py --from-dir raw/ --out shards/train --exclude shards/esc50 shards/clotho
   make_shards.py --verify shards/demo
+  make_shards.py index ~/laion/clotho        (DALI indexes for shards made elsewhere; see `index --help`)
 
 Over-long clips: with --max-seconds S, a clip longer than S seconds is truncated to its first
 S seconds (not rejected); its JSON records truncated_from. Without it clips are kept whole.
@@ -68,12 +70,74 @@ def _items(args: argparse.Namespace) -> list[sources.Item]:
     return items
 
 
+INDEX_EPILOG = """\
+Shards written by make_shards already have their index. Shards from elsewhere (LAION's
+0.tar, 1.tar, ... with sizes.json and no .idx) need this once before data.backend=dali reads them:
+  clapscale shards index ~/laion/audiocaps         (every *.tar below the directory)
+An existing .idx is kept unless --force. The webdataset backend needs no index.
+"""
+
+
+def _index_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="clapscale shards index",
+        description="Write DALI's wds2idx index (N.idx beside N.tar) for shards that lack one, in place. "
+        "Reads only the tar headers (any tar format); samples are grouped as the webdataset loader groups "
+        "them (key = member name up to the first dot of its basename).",
+        epilog=INDEX_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("paths", type=Path, nargs="+", metavar="DIR_OR_TAR", help="shard directories (searched recursively) or tars")
+    p.add_argument("--force", action="store_true", help="rewrite indexes that already exist")
+    return p
+
+
+def index_main(argv: list[str]) -> int:
+    """`clapscale shards index DIR...`: index every tar below DIR that has no .idx yet."""
+    from clapscale.shards.index import ShardIndexError, find_tars, idx_path_of, index_tar, write_index
+
+    args = _index_parser().parse_args(argv)
+    try:
+        tars = find_tars(args.paths)
+    except FileNotFoundError as e:
+        print(f"shards index: {e}", file=sys.stderr)
+        return 2
+    if not tars:
+        print(f"shards index: no *.tar under {' '.join(map(str, args.paths))}", file=sys.stderr)
+        return 2
+    written = kept = samples = failed = 0
+    for tar in tars:
+        if idx_path_of(tar).exists() and not args.force:
+            kept += 1
+            continue
+        try:
+            index = index_tar(tar)
+            write_index(tar, index)
+        except (ShardIndexError, OSError) as e:
+            print(f"PROBLEM {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if index.truncated:
+            print(f"PROBLEM {tar}: the file ends inside a sample (a truncated download?); indexed the "
+                  f"{len(index.lines)} complete sample(s) before the cut", file=sys.stderr)
+            failed += 1
+        written += 1
+        samples += len(index.lines)
+    print(f"indexed {written} shard(s), {samples} samples; {kept} already had an index"
+          + (f"; {failed} problem(s)" if failed else ""))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["index"]:
+        return index_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.verify is not None:
         from clapscale.shards.verify import verify_shards
 
         report = verify_shards(args.verify, workers=max(args.workers, 1))
+        for note in report.notes:
+            print(f"NOTE {note}")
         for problem in report.problems:
             print(f"PROBLEM {problem}", file=sys.stderr)
         status = "OK" if report.ok else f"FAILED with {len(report.problems)} problem(s)"

@@ -5,6 +5,13 @@ disk (names, sample counts, seconds); each tar's sha256 and size; GNU tar header
 (<key>.flac, <key>.json) pairs, adjacent, in key order, keys unique and dot-free; the ``.idx``
 equals the index of the tar's actual offsets; every FLAC decodes as 48 kHz mono 16-bit, its length
 matches the JSON ``duration`` and its PCM matches ``content_hash``; the JSON schema.
+
+A shard set made elsewhere (no ``manifest.json``: LAION's ``0.tar, 1.tar, ...``) is checked for what
+holds without our manifest and schema: every ``*.tar`` below OUT opens; its members form samples of
+one ``.flac`` and one ``.json`` (grouped as the loaders group them); every FLAC decodes at 48 kHz
+(16- or 24-bit, any channel count) and is not all-silent after downmix; every JSON parses to an
+object with at least one caption in ``text`` (a string or a list); ``sizes.json`` and ``.idx``, where
+present, agree with the tars. A missing ``sizes.json`` or ``.idx`` is noted, not a problem.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from typing import Any
 import soundfile as sf
 
 from clapscale.shards.audio_io import SAMPLE_RATE
+from clapscale.shards.builder import SILENCE_PEAK
+from clapscale.shards.index import find_tars, idx_path_of, index_tar, split_member_name
 from clapscale.shards.writer import IDX_VERSION, KEY_RE, MANIFEST_NAME, SIZES_NAME
 
 _GNU_MAGIC = b"ustar  \0"
@@ -28,7 +37,11 @@ _GNU_MAGIC = b"ustar  \0"
 
 @dataclass
 class VerifyReport:
+    """What ``verify_shards`` found: ``problems`` (empty when the set holds), ``notes`` (facts worth
+    knowing that are not errors) and totals."""
+
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     samples: int = 0
     seconds: float = 0.0
     shards: int = 0
@@ -148,8 +161,7 @@ def verify_shards(out: Path, workers: int = 1) -> VerifyReport:
     report = VerifyReport()
     manifest_path = out / MANIFEST_NAME
     if not manifest_path.exists():
-        report.problems.append(f"{manifest_path}: missing (is {out} a shard set made by make_shards?)")
-        return report
+        return verify_foreign_shards(out, workers)
     try:
         manifest = json.loads(manifest_path.read_text())
         splits = manifest["splits"]
@@ -193,4 +205,151 @@ def verify_shards(out: Path, workers: int = 1) -> VerifyReport:
         if dup:
             report.problems.append(f"{split}/{Path(path).name}: keys also present in another shard: {sorted(dup)[:5]}")
         seen.update(keys)
+    return report
+
+
+# ----------------------------------------------------------------------------- shard sets made elsewhere
+
+# Frames decoded at a time when checking a FLAC: memory stays bounded for clips of any length.
+_BLOCK_FRAMES = 1 << 20
+
+
+def _check_flac(where: str, flac: bytes) -> tuple[list[str], float]:
+    """Decode one FLAC in blocks: 48 kHz, 16/24-bit, not all-silent after downmix; -> (problems, seconds)."""
+    try:
+        with sf.SoundFile(io.BytesIO(flac)) as f:
+            fmt = (f.format, f.subtype, f.samplerate)
+            frames, peak = 0, 0.0
+            for block in f.blocks(blocksize=_BLOCK_FRAMES, dtype="float32", always_2d=True):
+                frames += block.shape[0]
+                if block.size:
+                    peak = max(peak, float(abs(block.mean(axis=1)).max()))
+    except (sf.LibsndfileError, RuntimeError) as exc:
+        return [f"{where}: FLAC does not decode ({exc})"], 0.0
+    problems = []
+    if fmt[0] != "FLAC" or fmt[1] not in ("PCM_16", "PCM_24") or fmt[2] != SAMPLE_RATE:
+        problems.append(f"{where}: audio is {fmt}, expected FLAC, PCM_16 or PCM_24, {SAMPLE_RATE} Hz")
+    if frames == 0:
+        problems.append(f"{where}: FLAC holds no samples")
+    elif peak < SILENCE_PEAK:
+        problems.append(f"{where}: all-silent after downmix to mono (the loaders skip it as 'silent')")
+    return problems, frames / max(fmt[2], 1)
+
+
+def _check_foreign_meta(where: str, raw: bytes) -> list[str]:
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return [f"{where}: JSON does not parse ({exc})"]
+    if not isinstance(meta, dict):
+        return [f"{where}: JSON is not an object"]
+    text = meta.get("text")
+    captions = [text] if isinstance(text, str) else text if isinstance(text, list) else []
+    if not any(isinstance(c, str) and c.strip() for c in captions):
+        return [f"{where}: no caption: 'text' must be a non-empty string or list of strings, got {text!r}"]
+    return []
+
+
+def verify_foreign_tar(tar_path: Path, name: str) -> tuple[list[str], int, float]:
+    """Check one shard made elsewhere (see the module docstring); returns (problems, samples, seconds)."""
+    data = Path(tar_path).read_bytes()
+    members: list[tarfile.TarInfo] = []
+    problems: list[str] = []
+    try:
+        for m in tarfile.open(fileobj=io.BytesIO(data), mode="r:"):
+            members.append(m)
+    except tarfile.TarError as exc:
+        if not members:
+            return [f"{name}: not a readable tar ({exc})"], 0, 0.0
+        # Cut after the last header read: the size check below names the sample it cut.
+    groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+    for m in members:
+        if not m.isfile():
+            continue
+        key, ext = split_member_name(m.name)
+        if not groups or groups[-1][0] != key:
+            groups.append((key, {}))
+        groups[-1][1][ext] = m
+    seconds = 0.0
+    for key, parts in groups:
+        where = f"{name}:{key}"
+        if "flac" not in parts or "json" not in parts:
+            problems.append(f"{where}: a sample needs adjacent .flac and .json members, found "
+                            f"{sorted('.' + e for e in parts)}")
+            continue
+        j, a = parts["json"], parts["flac"]
+        if max(m.offset_data + m.size for m in (a, j)) > len(data):
+            problems.append(f"{where}: the file ends inside this sample (truncated)")
+            continue
+        problems += _check_foreign_meta(where, data[j.offset_data:j.offset_data + j.size])
+        flac_problems, clip_seconds = _check_flac(where, data[a.offset_data:a.offset_data + a.size])
+        problems += flac_problems
+        seconds += clip_seconds
+    idx = idx_path_of(tar_path)
+    if idx.exists() and groups:
+        try:
+            want = index_tar(Path(tar_path)).text()
+        except ValueError:
+            want = None
+        if idx.read_text() != want:
+            problems.append(f"{name}: index {idx.name} does not match the tar; rewrite it with "
+                            f"`clapscale shards index --force {tar_path}`")
+    return problems, len(groups), seconds
+
+
+def _verify_foreign_job(job: tuple[str, str]) -> tuple[list[str], int, float]:
+    return verify_foreign_tar(Path(job[0]), job[1])
+
+
+def verify_foreign_shards(out: Path, workers: int = 1) -> VerifyReport:
+    """Verify a shard set without ``manifest.json`` (made elsewhere, e.g. LAION's)."""
+    out = Path(out)
+    report = VerifyReport()
+    report.notes.append(f"no {MANIFEST_NAME} in {out}: verifying it as a shard set made elsewhere (decoding, "
+                        "JSON, captions, sample rate; sizes.json and .idx where present)")
+    try:
+        tars = find_tars([out])
+    except FileNotFoundError as exc:
+        report.problems.append(str(exc))
+        return report
+    if not tars:
+        report.problems.append(f"{out}: no *.tar below it")
+        return report
+    jobs = [(str(t), str(t.relative_to(out))) for t in tars]
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(_verify_foreign_job, jobs, chunksize=1)
+    else:
+        results = [_verify_foreign_job(j) for j in jobs]
+    counts: dict[Path, int] = {}
+    for tar, (problems, n, seconds) in zip(tars, results):
+        report.problems += problems
+        report.samples += n
+        report.seconds += seconds
+        report.shards += 1
+        counts[tar] = n
+    for d in sorted({t.parent for t in tars}):
+        rel = d.relative_to(out)
+        sizes_path = d / SIZES_NAME
+        if not sizes_path.is_file():
+            report.notes.append(f"{rel / SIZES_NAME}: missing (loaders count samples from .idx instead)")
+            continue
+        try:
+            sizes = json.loads(sizes_path.read_text())
+            sizes = {str(k): int(v) for k, v in sizes.items()}
+        except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+            report.problems.append(f"{rel / SIZES_NAME}: unreadable ({exc})")
+            continue
+        on_disk = {t.name: n for t, n in counts.items() if t.parent == d}
+        for shard in sorted(set(sizes) | set(on_disk)):
+            if shard not in on_disk:
+                report.problems.append(f"{rel / SIZES_NAME} lists {shard}, which is not on disk")
+            elif shard not in sizes:
+                report.problems.append(f"{rel / shard}: not listed in {SIZES_NAME}")
+            elif sizes[shard] != on_disk[shard]:
+                report.problems.append(f"{rel / shard}: holds {on_disk[shard]} samples, {SIZES_NAME} says {sizes[shard]}")
+    unindexed = [t for t in tars if not idx_path_of(t).exists()]
+    if unindexed:
+        report.notes.append(f"{len(unindexed)} of {len(tars)} shard(s) have no .idx: data.backend=dali needs "
+                            f"`clapscale shards index {out}` once (the webdataset backend does not)")
     return report

@@ -104,12 +104,11 @@ class PannCnn(AudioTower):
         return [(2, 2)] * (n - 1) + [self.spec.last_pool]
 
     def _block(self, i: int, x: torch.Tensor, pool: tuple[int, int]) -> torch.Tensor:
+        """Conv block ``i`` (0-based), without the dropout that follows it (see ``forward``)."""
         block = getattr(self, f"conv_block{i + 1}")
         if self.grad_checkpointing and self.training and x.requires_grad:
-            x = checkpoint(block, x, pool, use_reentrant=False)
-        else:
-            x = block(x, pool)
-        return F.dropout(x, self.spec.block_dropout, self.training)
+            return checkpoint(block, x, pool, use_reentrant=False)
+        return block(x, pool)
 
     def forward(self, mel: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
         check_mel(mel, self.n_mels, "cnn audio tower")
@@ -118,10 +117,8 @@ class PannCnn(AudioTower):
         if self.spec.stem_pool != (1, 1):
             x = F.avg_pool2d(x, self.spec.stem_pool)
         pools = self._pools()
-        if self.fusion == "none":
-            h = self._block(0, x[:, :1], pools[0])
-        else:
-            h = self._block(0, x[:, :1], pools[0])
+        h = self._block(0, x[:, :1], pools[0])
+        if self.fusion != "none":
             idx = longer_index(mel, is_longer)
             local = local_chunks(x, idx)  # (k, 3, T', F')
             k = local.shape[0]
@@ -131,8 +128,11 @@ class PannCnn(AudioTower):
             th = h.shape[2]
             loc = F.pad(loc, (0, 0, 0, th - loc.shape[2])) if loc.shape[2] < th else loc[:, :, :th]
             h = fuse_longer(self.fusion_model, h, loc, idx)
+        # Dropout follows every block, as in PANNs; with fusion it follows the fused map (LAION-CLAP's
+        # Cnn14 order), so the local branch's features are dropped out like the global ones.
+        h = F.dropout(h, self.spec.block_dropout, self.training)
         for i in range(1, len(self.spec.channels)):
-            h = self._block(i, h, pools[i])
+            h = F.dropout(self._block(i, h, pools[i]), self.spec.block_dropout, self.training)
         h = h.mean(dim=3)  # (B, C, T'')
         h = h.amax(dim=2) + h.mean(dim=2)
         h = F.dropout(h, self.spec.embed_dropout, self.training)
