@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 from scipy import signal
 
+from clapscale.shards import audio_io
 from clapscale.shards.audio_io import AudioDecodeError, content_hash, encode_flac, load_audio, resample
 
 
@@ -132,3 +133,131 @@ def test_load_audio_rejects_bad_input_with_reason(case, code):
         load_audio(src)
     assert err.value.code == code
     assert isinstance(err.value, ValueError) and "bytes>" in str(err.value)  # names the source
+
+
+# ----------------------------------------------------------------------------- header rates and memory
+
+_RSS_PROBE = r"""
+import json, resource, sys
+# A safety net for the machine, not the bound under test: a runaway allocation fails fast.
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+import numpy as np
+from clapscale.shards import audio_io
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = {}
+try:
+    out["result"] = ACTION
+except audio_io.AudioDecodeError as e:
+    out["code"] = e.code
+    out["reason"] = e.reason
+except ValueError as e:
+    out["error"] = str(e)
+out["peak_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+print(json.dumps(out))
+"""
+
+
+def _peak_rss(action: str, **names) -> dict:
+    """Run ``action`` (an expression over ``audio_io``) in a fresh interpreter; its result and the
+    peak resident memory it added (MB), read with getrusage after numpy and soundfile are loaded."""
+    import json
+    import subprocess
+    import sys
+
+    code = _RSS_PROBE.replace("ACTION", action)
+    for name, value in names.items():
+        code = code.replace(name, repr(value))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _wav_with_header_rate(path, rate: int, seconds_at_48k: float = 1.3) -> None:
+    """A real 16-bit mono WAV whose header claims ``rate`` Hz (sample rate and byte rate patched),
+    as a damaged or hand-made file has."""
+    import struct
+
+    noise = np.random.default_rng(0).standard_normal(int(48000 * seconds_at_48k)) * 0.1
+    data = bytearray(_wav_bytes(noise))
+    assert data[:4] == b"RIFF" and data[12:16] == b"fmt "
+    struct.pack_into("<II", data, 24, rate, rate * 2)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rate", [1, 1000, 1000003, 5000011, 2147483647])
+def test_load_audio_rejects_implausible_header_rates_in_bounded_memory(tmp_path, rate):
+    # 1 Hz made a 4 KB file a "2000 s" clip; 5,000,011 Hz cost 19 GB and 2^31-1 Hz asked for 813 GiB.
+    path = tmp_path / "odd.wav"
+    _wav_with_header_rate(path, rate)
+    with sf.SoundFile(path) as f:
+        assert f.samplerate == rate  # libsndfile believes the header
+    out = _peak_rss("audio_io.load_audio(PATH).size", PATH=str(path))
+    assert out.get("code") == "bad_sample_rate", out
+    assert f"{rate} Hz" in out["reason"] and "header" in out["reason"]
+    assert out["peak_mb"] < 50
+
+
+def test_plausible_rate_range_is_accepted():
+    for rate in (4000, 8000, 11025, 44100, 192000, 768000):
+        audio_io.check_sample_rate(rate, "x")
+
+
+@pytest.mark.parametrize("rate", [44057, 96001, 192001])
+def test_odd_rates_resample_in_bounded_memory_and_match_scipy(tmp_path, rate):
+    # gcd(rate, 48000) is tiny, so a polyphase table would have 48,000 rows (767,999 Hz: 1.5 GB of
+    # float64 while building it); a bounded table of interpolated phases is used instead.
+    path = tmp_path / "odd.wav"
+    x = _tone(1000.0, rate, 1.0)
+    sf.write(path, x, rate, subtype="FLOAT")
+    out = _peak_rss("audio_io.load_audio(PATH).size", PATH=str(path))
+    assert out["result"] == 48000
+    assert out["peak_mb"] < 60, out
+    y = load_audio(path)
+    ref = signal.resample_poly(x.astype(np.float64), 48000, rate)
+    np.testing.assert_allclose(y[2400:-2400], ref[2400:-2400], atol=1e-3)
+    assert abs(_peak_hz(y[2400:-2400], 48000) - 1000.0) < 1.0
+
+
+@pytest.mark.parametrize("rate", [5000011, 4001, 2147483647, 1])
+def test_resample_memory_is_bounded_for_any_rate(rate):
+    # resample() itself takes any rate (the array path of the inference API reaches it directly).
+    out = _peak_rss("audio_io.resample(np.ones(64000, np.float32), RATE, 48000).size", RATE=rate)
+    if rate in (1, 2147483647):  # more than MAX_RATE_RATIO apart: no pair of audio rates
+        assert "differ by more than 1024x" in out["error"], out
+    else:
+        assert out["result"] == -(-64000 * 48000 // rate)
+    assert out["peak_mb"] < out.get("result", 0) * 4 / 2**20 + 60, out
+
+
+def test_streaming_resampler_equals_one_shot():
+    x = (np.random.default_rng(3).standard_normal(50000) * 0.2).astype(np.float32)
+    for sr_in in (44100, 44057, 96000):
+        rs = audio_io.Resampler(sr_in, 48000)
+        cuts = [0, 1, 17, 4000, 4001, 33333, 50000]
+        parts = [rs.push(x[a:b]) for a, b in zip(cuts, cuts[1:])] + [rs.finish()]
+        np.testing.assert_array_equal(np.concatenate(parts), resample(x, sr_in, 48000))
+
+
+def _long_wav(path, seconds: int, sr: int = 44100, channels: int = 2) -> None:
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(path, "w", sr, channels, subtype="PCM_16") as f:
+        for _ in range(seconds // 10):
+            f.write((rng.standard_normal((sr * 10, channels)) * 0.1).astype(np.float32))
+
+
+def test_long_files_decode_in_bounded_memory(tmp_path):
+    # 3 minutes of 44.1 kHz stereo: 32 MB of PCM_16, 63 MB as float32 stereo, 35 MB as the
+    # 48 kHz mono result. Decoding it whole used to cost input + output + float64 temporaries.
+    path = tmp_path / "long.wav"
+    _long_wav(path, 180)
+    result_mb = 180 * 48000 * 4 / 2**20
+    whole = _peak_rss("audio_io.load_audio(PATH).size", PATH=str(path))
+    assert whole["result"] == 180 * 48000
+    assert whole["peak_mb"] < result_mb + 25, whole
+    # Streaming keeps nothing but a block: independent of the length.
+    streamed = _peak_rss("sum(b.size for b in audio_io.iter_audio(PATH))", PATH=str(path))
+    assert streamed["result"] == 180 * 48000
+    assert streamed["peak_mb"] < 25, streamed
+    # Hashing and quantizing work in blocks too (no float64 or bytes copy of the whole clip).
+    hashed = _peak_rss("audio_io.content_hash(np.zeros(N, np.float32))", N=180 * 48000)
+    assert hashed["peak_mb"] < result_mb + 2 * result_mb / 2 + 25, hashed
