@@ -280,3 +280,84 @@ def test_second_concurrent_run_into_same_out_is_refused(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert make_shards(["--from-dir", str(src), "--out", str(out), "--quiet"]) == 0
+
+
+CLASSES = ("dog", "rain", "bell", "wind")
+
+
+@pytest.fixture(scope="module")
+def class_tree(tmp_path_factory):
+    """A folder-per-class tree, 4 classes x 6 distinct clips: sorted paths cluster the classes."""
+    root = tmp_path_factory.mktemp("classes")
+    for c, name in enumerate(CLASSES):
+        for k in range(6):
+            _write(root / name / f"take_{k}.wav", _tone(200 + 300 * c + 25 * k, 0.2))
+    return root
+
+
+def _classes_per_shard(out, split="train"):
+    """[(shard name, set of classes)] in shard order; the class is the clip's folder."""
+    found = []
+    for tar_path in sorted((out / split).glob("*.tar")):
+        with tarfile.open(tar_path) as tf:
+            metas = [json.loads(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".json")]
+        found.append((tar_path.name, {m["original"].split("/")[0] for m in metas}))
+    return found
+
+
+def _manifest_split(out, split="train"):
+    return json.loads((out / "manifest.json").read_text())["splits"][split]
+
+
+def test_folder_per_class_tree_becomes_mixed_shards(class_tree, tmp_path):
+    """Sorted paths would give one class per shard, which a loader's shuffle buffer cannot undo; the
+    seeded shuffle spreads every class over the shards and the seed is recorded in the manifest."""
+    args = ["--from-dir", str(class_tree), "--shard-size", "6", "--quiet"]
+    out = tmp_path / "default"
+    assert make_shards([*args, "--out", str(out)]) == 0
+    shards = _classes_per_shard(out)
+    assert len(shards) == 4
+    assert all(len(classes) >= 2 for _, classes in shards), shards
+    assert all(sum(c in classes for _, classes in shards) >= 2 for c in CLASSES), shards
+    assert _manifest_split(out)["shuffle_seed"] == 0
+
+    # --no-shuffle keeps the source order (what make_shards did before): one class per shard.
+    kept = tmp_path / "sorted"
+    assert make_shards([*args, "--no-shuffle", "--out", str(kept)]) == 0
+    assert [classes for _, classes in _classes_per_shard(kept)] == [{c} for c in sorted(CLASSES)]
+    assert _manifest_split(kept)["shuffle_seed"] is None
+
+    # Another seed: another assignment of the same samples; the same seed: byte-identical shards.
+    other, again = tmp_path / "seed7", tmp_path / "seed7-again"
+    assert make_shards([*args, "--shuffle-seed", "7", "--out", str(other)]) == 0
+    assert make_shards([*args, "--shuffle-seed", "7", "--out", str(again)]) == 0
+    assert _manifest_split(other)["shuffle_seed"] == 7
+    assert _classes_per_shard(other) != shards
+    hashes = {m["content_hash"] for m, _ in _samples(out, "train").values()}
+    assert {m["content_hash"] for m, _ in _samples(other, "train").values()} == hashes and len(hashes) == 24
+    assert _manifest_split(again)["shards"] == _manifest_split(other)["shards"]
+    assert verify_shards(out).ok and verify_shards(other).ok
+
+
+def test_a_fully_rejected_unit_leaves_no_gap_in_shard_numbers(tmp_path):
+    """Unit 2 (of 4) has only a broken file: the shards stay 000000..000002, the manifest and sizes.json
+    name exactly those, and the loader reads a brace spec over the range."""
+    from clapscale.config import load_config
+    from clapscale.data import build_loader
+
+    src = tmp_path / "src"
+    for name, freq in (("alpha", 300), ("beta", 500), ("delta", 900)):
+        _write(src / f"{name}.wav", _tone(freq, 0.3))
+    (src / "broken_gamma.wav").write_bytes(b"RIFF not really a wave file" * 10)
+    out = tmp_path / "out"
+    assert make_shards(["--from-dir", str(src), "--out", str(out), "--shard-size", "1", "--quiet"]) == 0
+    names = ["000000.tar", "000001.tar", "000002.tar"]
+    assert sorted(p.name for p in (out / "train").glob("*.tar")) == names
+    assert [s["name"] for s in _manifest_split(out)["shards"]] == names
+    assert json.loads((out / "train" / "sizes.json").read_text()) == dict.fromkeys(names, 1)
+    assert [r["code"] for r in _rejects(out)] == ["unreadable"]
+    spec = f"{out}/train/{{000000..000002}}.tar"
+    cfg = load_config(None, [f"data.train={spec}", "data.batch_size=1", "data.workers=0"])
+    originals = sorted(o for batch in build_loader(cfg, spec, train=False) for o in batch["keys"])
+    assert len(originals) == 3
+    assert verify_shards(out).ok

@@ -133,3 +133,35 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     keys = _keys(out)
     assert len(keys) == len(set(keys)) == 60
     assert verify_shards(out).ok
+
+
+def test_rerun_of_a_shuffled_folder_with_rejected_units_is_byte_identical(tmp_path, capsys):
+    """The shuffled order and the dense shard numbers are reproduced by a rerun that finishes an
+    interrupted build: units after the first missing done-record are rebuilt under the same names, and
+    a final-named tar that no done-record names (left by the interrupted run) is removed."""
+    import numpy as np
+
+    src = tmp_path / "src"
+    src.mkdir()
+    t = np.arange(9600) / 48000
+    for i in range(8):
+        sf.write(src / f"tone_{i}.wav", 0.3 * np.sin(2 * np.pi * (300 + 120 * i) * t), 48000)
+    for name in ("broken_a.wav", "broken_b.wav"):
+        (src / name).write_bytes(b"RIFF not really a wave file" * 10)
+    out = tmp_path / "out"
+    args = ["--from-dir", str(src), "--shard-size", "1", "--quiet", "--out", str(out)]
+    assert make_shards(args) == 0
+    want = _shards(out)
+    assert [name for name, _, _ in want["train"]] == [f"{i:06d}.tar" for i in range(8)]  # 10 units, 8 shards
+    state = out / ".make_shards" / "train"
+    for u in range(4, 10):
+        (state / f"{u:06d}.done.json").unlink()
+    (out / "manifest.json").unlink()
+    (out / "train" / "000009.tar").write_bytes((out / "train" / "000000.tar").read_bytes())  # a stray shard
+    assert make_shards(args) == 0
+    assert "resumed: 4 shard unit(s)" in capsys.readouterr().out
+    assert _shards(out) == want
+    assert sorted(p.name for p in (out / "train").glob("*.tar")) == [name for name, _, _ in want["train"]]
+    keys = _keys(out)
+    assert len(keys) == len(set(keys)) == 8
+    assert verify_shards(out).ok

@@ -1,9 +1,12 @@
 """The make_shards engine: items -> decoded, checked, de-duplicated samples -> resumable shards.
 
 Resumability by construction:
-- The items of a split are sorted and cut into fixed *units* of ``shard_size`` items; unit i
-  becomes shard ``NNNNNN = i``. The assignment depends only on the inputs, so a rerun rebuilds
-  exactly the units that are missing.
+- The items of a split are put in a seeded random order (``--shuffle-seed``, recorded in the manifest)
+  and cut into fixed *units* of ``shard_size`` items. The order depends only on the seed and the item
+  keys, so a rerun cuts the same units and rebuilds exactly the ones that are missing.
+- Shards are numbered densely: a unit whose items were all rejected writes no shard and takes no
+  number, so a brace spec ``{000000..NNNNNN}`` over the manifest's shards has no hole. A unit's
+  number is the count of shards written by the units before it, known from their done-records.
 - A unit is complete when ``OUT/.make_shards/<split>/NNNNNN.done.json`` exists. It is written after
   the shard's tar and index were renamed into place (``writer.write_shard`` is atomic), so after a
   Ctrl-C or kill -9 every final-named tar is whole, and a tar without its done-file is rebuilt
@@ -13,6 +16,14 @@ Resumability by construction:
   same result as an uninterrupted run.
 - ``plan.json`` holds a fingerprint of the split's items and options; a rerun with different
   inputs into the same OUT is refused instead of mixing two shard sets.
+
+Why shuffle: sources list files in path order, and a folder-per-class tree (or a manifest grouped by
+class) would become class-clustered shards; a loader's shuffle buffer only mixes neighbouring shards,
+so batches would hold a few classes each. The synthetic corpus is exempt: its clips are independent
+draws in index order already, and keeping that order keeps the demo's shards unchanged.
+
+A decoder that hangs (a FIFO, a stalled network mount, a codec stuck in a loop) is stopped after
+``--clip-timeout`` seconds and the clip is rejected with code ``timeout``; the run goes on.
 
 ``--max-seconds S``: longer clips are *truncated* to their first S seconds (not rejected); their
 JSON records ``truncated_from`` (the original duration in seconds).
@@ -57,6 +68,9 @@ class BuildError(RuntimeError):
     """The build as a whole cannot proceed (an OUT holding another shard set, no input, ...)."""
 
 
+DEFAULT_CLIP_TIMEOUT = 600.0
+
+
 @dataclass
 class BuildOptions:
     out: Path
@@ -65,6 +79,11 @@ class BuildOptions:
     max_seconds: float | None = None
     exclude: dict[str, str] = field(default_factory=dict)  # content hash -> where it came from
     progress: bool = True
+    # Seed of the item order within each split; None keeps the source's order (sorted paths, manifest rows).
+    shuffle_seed: int | None = 0
+    # Seconds one clip may take in a worker before it is rejected as ``timeout`` (None: no limit;
+    # not enforced with ``workers == 0``, which decodes in this process).
+    clip_timeout: float | None = DEFAULT_CLIP_TIMEOUT
 
 
 @dataclass
@@ -151,23 +170,43 @@ def build_sample(index: int, item: Item, max_seconds: float | None) -> Outcome:
 
 _WORKER_ITEMS: list[Item] = []
 _WORKER_MAX_SECONDS: float | None = None
+_WORKER_TIMEOUT: float | None = None
+_WORKER_STARTED: "ctypes.Array[ctypes.c_byte] | None" = None
 
 
-def _init_worker(items: list[Item], max_seconds: float | None, parent_pid: int) -> None:
-    global _WORKER_ITEMS, _WORKER_MAX_SECONDS
+def _init_worker(items: list[Item], max_seconds: float | None, timeout: float | None,
+                 started: "ctypes.Array[ctypes.c_byte]", parent_pid: int) -> None:
+    global _WORKER_ITEMS, _WORKER_MAX_SECONDS, _WORKER_TIMEOUT, _WORKER_STARTED
     # Ctrl-C is handled once, by the parent, which stops the pool.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The clip timeout is SIGALRM's default action, which ends the process even inside a C decoder
+    # that never returns to Python; a handler inherited from the parent (pytest-timeout) would not.
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     # After a kill -9 of the parent nothing would ever tell the workers to exit: forked siblings
     # keep the task queue's write end open. Ask Linux to kill them with their parent.
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(0)
-    _WORKER_ITEMS, _WORKER_MAX_SECONDS = items, max_seconds
+    _WORKER_ITEMS, _WORKER_MAX_SECONDS, _WORKER_TIMEOUT, _WORKER_STARTED = items, max_seconds, timeout, started
 
 
 def _work(index: int) -> Outcome:
-    return build_sample(index, _WORKER_ITEMS[index], _WORKER_MAX_SECONDS)
+    # Marks the item as in flight (shared with the parent), so that when the pool breaks the parent
+    # knows which clips were being decoded: only those are suspects.
+    _WORKER_STARTED[index] = 1
+    if _WORKER_TIMEOUT:
+        signal.setitimer(signal.ITIMER_REAL, _WORKER_TIMEOUT)
+    try:
+        return build_sample(index, _WORKER_ITEMS[index], _WORKER_MAX_SECONDS)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _isolated_main(send: "multiprocessing.connection.Connection", index: int, items: list[Item],
+                   opts: BuildOptions, started: "ctypes.Array[ctypes.c_byte]", parent_pid: int) -> None:
+    _init_worker(items, opts.max_seconds, opts.clip_timeout, started, parent_pid)
+    send.send(_work(index))
 
 
 # ----------------------------------------------------------------------------- exclusion sets
@@ -213,9 +252,14 @@ def load_exclusions(paths: Iterable[Path]) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- state
 
-def _fingerprint(items: list[Item], opts: BuildOptions) -> str:
+def _fingerprint(items: list[Item], opts: BuildOptions, shuffle_seed: int | None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([opts.shard_size, opts.max_seconds, sorted(opts.exclude)], default=str).encode())
+    options = [opts.shard_size, opts.max_seconds, sorted(opts.exclude)]
+    # Unshuffled plans keep the fingerprint they had before shuffling existed, so a shard set made
+    # then (the demo's) is still recognised as complete.
+    if shuffle_seed is not None:
+        options.append({"shuffle_seed": shuffle_seed})
+    h.update(json.dumps(options, default=str).encode())
     for it in items:
         h.update(json.dumps(it.fingerprint(), sort_keys=True, default=str).encode("utf-8", "surrogateescape"))
     return h.hexdigest()
@@ -225,16 +269,35 @@ def _units(items: list[Item], size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size)]
 
 
+def split_shuffle_seed(items: list[Item], opts: BuildOptions) -> int | None:
+    """The seed that orders ``items`` (one split), or None where they keep the source's order: with
+    ``opts.shuffle_seed=None``, and for the synthetic corpus, whose clips are independent draws already."""
+    if opts.shuffle_seed is None or all(it.synthetic_index is not None for it in items):
+        return None
+    return opts.shuffle_seed
+
+
+def shuffled(items: list[Item], seed: int | None) -> list[Item]:
+    """``items`` in build order: sorted by sha256 of (seed, key), or unchanged for ``seed=None``.
+
+    A hash of the key rather than a seeded shuffle: the order can never change with a Python or NumPy
+    version, so a resumed run always cuts the same units as the run it finishes.
+    """
+    if seed is None:
+        return list(items)
+    return sorted(items, key=lambda it: hashlib.sha256(f"{seed}/{it.key}".encode("utf-8", "surrogateescape")).digest())
+
+
 def _clean_stale_temps(split_dir: Path) -> None:
     if split_dir.is_dir():
         for tmp in split_dir.glob(".*.tmp-*"):
             tmp.unlink(missing_ok=True)
 
 
-def _prepare_split(out: Path, split: str, items: list[Item], opts: BuildOptions) -> Path:
+def _prepare_split(out: Path, split: str, items: list[Item], opts: BuildOptions, shuffle_seed: int | None) -> Path:
     state = out / STATE_DIR / split
     plan_path = state / "plan.json"
-    fp = _fingerprint(items, opts)
+    fp = _fingerprint(items, opts, shuffle_seed)
     if plan_path.exists():
         plan = json.loads(plan_path.read_text())
         if plan.get("fingerprint") != fp:
@@ -246,17 +309,19 @@ def _prepare_split(out: Path, split: str, items: list[Item], opts: BuildOptions)
         if any((out / split).glob("*.tar")):
             raise BuildError(f"{out / split} already holds shards not made by this command; use another --out")
         state.mkdir(parents=True, exist_ok=True)
-        write_json(plan_path, {"fingerprint": fp, "items": len(items), "shard_size": opts.shard_size})
+        write_json(plan_path, {"fingerprint": fp, "items": len(items), "shard_size": opts.shard_size,
+                               "shuffle_seed": shuffle_seed})
     _clean_stale_temps(out / split)
     return state
 
 
 # ----------------------------------------------------------------------------- driver
 
-def _new_pool(workers: int, items: list[Item], opts: BuildOptions) -> ProcessPoolExecutor:
+def _new_pool(workers: int, items: list[Item], opts: BuildOptions,
+              started: "ctypes.Array[ctypes.c_byte]") -> ProcessPoolExecutor:
     # fork: workers inherit the item list instead of unpickling it per task.
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_init_worker, initargs=(items, opts.max_seconds, os.getpid()))
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_init_worker,
+                               initargs=(items, opts.max_seconds, opts.clip_timeout, started, os.getpid()))
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -266,27 +331,57 @@ def _stop(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _isolated(i: int, items: list[Item], opts: BuildOptions) -> Outcome:
-    """Retry one item alone in a fresh process: a second death convicts it, not its neighbours."""
-    pool = _new_pool(1, items, opts)
+def _isolated(i: int, items: list[Item], opts: BuildOptions, started: "ctypes.Array[ctypes.c_byte]") -> Outcome:
+    """Retry one item alone in a fresh process: a second death convicts it, not its neighbours.
+
+    A plain process rather than a one-worker pool, so that its exit status tells a clip that ran out of
+    time (killed by its own SIGALRM) from one that crashed the decoder.
+    """
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_isolated_main, args=(send, i, items, opts, started, os.getpid()), daemon=True)
+    proc.start()
+    send.close()
     try:
-        return pool.submit(_work, i).result()
-    except BrokenProcessPool:
-        item = items[i]
-        return Outcome(i, code="crash", reason=f"{item.original}: the decoder process died on this file (e.g. a "
-                                                 "segfault in a codec library)")
+        # Poll rather than block: the answer (FLAC bytes) may exceed the pipe's buffer, so it must be
+        # read while the child is alive, and a child that died leaves nothing to read.
+        while not recv.poll(0.05) and proc.is_alive():
+            pass
+        try:
+            outcome = recv.recv() if recv.poll() else None
+        except (EOFError, OSError):
+            outcome = None
     finally:
-        _stop(pool)
+        if proc.is_alive():  # interrupted (Ctrl-C) while waiting
+            proc.kill()
+        proc.join()
+        recv.close()
+    if outcome is not None:
+        return outcome
+    item = items[i]
+    if proc.exitcode == -signal.SIGALRM:
+        return Outcome(i, code="timeout", reason=f"{item.original}: decoding took longer than the clip timeout of "
+                                                 f"{opts.clip_timeout:g} s (a file that blocks on read, e.g. a FIFO or a "
+                                                 "stalled network mount, or a decoder stuck in a loop)")
+    return Outcome(i, code="crash", reason=f"{item.original}: the decoder process died on this file (e.g. a "
+                                             "segfault in a codec library)")
+
+
+def _completed(outcome: Outcome) -> Future:
+    fut: Future = Future()
+    fut.set_result(outcome)
+    return fut
 
 
 def _outcomes(items: list[Item], todo: list[int], opts: BuildOptions) -> Iterator[Outcome]:
     """Outcomes of ``todo`` in order. ``workers == 0`` runs in this process (for debugging);
-    otherwise clips are decoded in worker processes so that a crashing codec costs one clip."""
+    otherwise clips are decoded in worker processes so that a crashing or hanging codec costs one clip."""
     if opts.workers == 0:
         for i in todo:
             yield build_sample(i, items[i], opts.max_seconds)
         return
-    pool = _new_pool(opts.workers, items, opts)
+    started = multiprocessing.RawArray(ctypes.c_byte, len(items))  # shared with the forked workers
+    pool = _new_pool(opts.workers, items, opts, started)
     pending: collections.deque[tuple[int, Future]] = collections.deque()
     queue = iter(todo)
     try:
@@ -296,14 +391,24 @@ def _outcomes(items: list[Item], todo: list[int], opts: BuildOptions) -> Iterato
                 pending.append((i, pool.submit(_work, i)))
             if not pending:
                 return
-            i, fut = pending.popleft()
             try:
-                outcome = fut.result()
+                outcome = pending[0][1].result()
             except BrokenProcessPool:
+                # A worker died (a codec crash, or a clip that ran out of time). The clips that were in
+                # flight are the suspects: each is retried alone; the others go to a fresh pool.
                 _stop(pool)
-                outcome = _isolated(i, items, opts)
-                pool = _new_pool(opts.workers, items, opts)
-                pending = collections.deque((j, pool.submit(_work, j)) for j, _ in pending)
+                pool = _new_pool(opts.workers, items, opts, started)
+                retried: collections.deque[tuple[int, Future]] = collections.deque()
+                for j, fut in pending:
+                    if fut.done() and not fut.cancelled() and fut.exception() is None:
+                        retried.append((j, fut))
+                    elif started[j]:
+                        retried.append((j, _completed(_isolated(j, items, opts, started))))
+                    else:
+                        retried.append((j, pool.submit(_work, j)))
+                pending = retried
+                continue
+            pending.popleft()
             yield outcome
     finally:
         _stop(pool)
@@ -335,22 +440,30 @@ def _build_locked(items: list[Item], opts: BuildOptions, out: Path, tqdm) -> Bui
     flat: list[Item] = []
     plan = []  # (split, unit number, flat indices, done path)
     seen: dict[str, str] = {}  # content hash -> key that kept it
+    shards_before: dict[str, int] = {}  # split -> shards written by the completed prefix of units
     skipped = 0
     for split, split_items in by_split.items():
-        state = _prepare_split(out, split, split_items, opts)
+        seed = split_shuffle_seed(split_items, opts)
+        state = _prepare_split(out, split, split_items, opts, seed)
         base = len(flat)
-        flat += split_items
+        flat += shuffled(split_items, seed)
+        kept = set()
         for u, idx in enumerate(_units(split_items, opts.shard_size)):
             done = state / f"{u:06d}.done.json"
-            # Only a prefix of units counts as done: duplicate removal depends on every earlier
-            # unit, so anything after the first missing unit is rebuilt with it.
+            # Only a prefix of units counts as done: duplicate removal and shard numbers depend on
+            # every earlier unit, so anything after the first missing unit is rebuilt with it.
             if done.exists() and not plan:
                 skipped += 1
-                for key, h, _ in json.loads(done.read_text())["accepted"]:
+                record = json.loads(done.read_text())
+                for key, h, _ in record["accepted"]:
                     seen.setdefault(h, key)
+                if record["shard"]:
+                    kept.add(record["shard"]["name"])
             else:
                 done.unlink(missing_ok=True)
                 plan.append((split, u, [base + i for i in idx], done))
+        shards_before[split] = len(kept)
+        _remove_unrecorded_shards(out / split, kept)
 
     todo = [i for _, _, idx, _ in plan for i in idx]
     bar = tqdm(total=len(flat), initial=len(flat) - len(todo), unit="clip", disable=not opts.progress,
@@ -362,7 +475,8 @@ def _build_locked(items: list[Item], opts: BuildOptions, out: Path, tqdm) -> Bui
             for _ in idx:
                 unit.append(next(stream))
                 bar.update(1)
-            _finish_unit(out, split, u, unit, flat, seen, opts, done)
+            if _finish_unit(out, split, shards_before[split], unit, flat, seen, opts, done):
+                shards_before[split] += 1
     finally:
         stream.close()
         bar.close()
@@ -371,8 +485,20 @@ def _build_locked(items: list[Item], opts: BuildOptions, out: Path, tqdm) -> Bui
     return summary
 
 
-def _finish_unit(out: Path, split: str, u: int, unit: list[Outcome], flat: list[Item], seen: dict[str, str],
-                 opts: BuildOptions, done: Path) -> None:
+def _remove_unrecorded_shards(split_dir: Path, kept: set[str]) -> None:
+    """Delete shards of an interrupted run that no done-record names: their units are rebuilt, and a
+    rebuilt unit may now write no shard (a clip timed out this time), which would leave a stray tar."""
+    if split_dir.is_dir():
+        for tar in split_dir.glob("*.tar"):
+            if tar.name not in kept:
+                tar.with_suffix(".idx").unlink(missing_ok=True)
+                tar.unlink()
+
+
+def _finish_unit(out: Path, split: str, number: int, unit: list[Outcome], flat: list[Item], seen: dict[str, str],
+                 opts: BuildOptions, done: Path) -> bool:
+    """Write the unit's accepted samples as shard ``number`` (none if all were rejected) and its
+    done-record; returns whether a shard was written."""
     samples, rejects, accepted = [], [], []
     truncated = 0
     for o in unit:
@@ -390,9 +516,10 @@ def _finish_unit(out: Path, split: str, u: int, unit: list[Outcome], flat: list[
                 truncated += o.truncated
                 continue
         rejects.append({"path": item.original, "split": split, "key": item.key, "code": o.code, "reason": o.reason})
-    info = write_shard(out / split / shard_name(u), samples) if samples else None
+    info = write_shard(out / split / shard_name(number), samples) if samples else None
     write_json(done, {"shard": asdict(info) if info else None, "accepted": accepted, "rejects": rejects,
                       "truncated": truncated})
+    return info is not None
 
 
 def finalize(out: Path, splits: list[str] | None = None) -> BuildSummary:
@@ -411,7 +538,12 @@ def finalize(out: Path, splits: list[str] | None = None) -> BuildSummary:
                 infos.append(ShardInfo(**d["shard"]))
             rejects += d["rejects"]
             truncated += d.get("truncated", 0)
-        update_manifest(out, split, infos, extra={"rejected": len(rejects), "truncated": truncated})
+        plan_path = state_root / split / "plan.json"
+        seed = json.loads(plan_path.read_text()).get("shuffle_seed") if plan_path.exists() else None
+        # Keys follow the source order, so sorting by key lists rejects as the source lists the files.
+        rejects.sort(key=lambda r: r["key"])
+        update_manifest(out, split, infos, extra={"rejected": len(rejects), "truncated": truncated,
+                                                  "shuffle_seed": seed})
         all_rejects += rejects
         if splits is None or split in splits:
             summary.accepted += sum(i.samples for i in infos)

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 from clapscale.shards import sources
-from clapscale.shards.builder import REJECTS_NAME, BuildError, BuildOptions, build, load_exclusions
+from clapscale.shards.builder import (
+    DEFAULT_CLIP_TIMEOUT, REJECTS_NAME, BuildError, BuildOptions, build, load_exclusions,
+)
 from clapscale.shards.writer import KEY_RE
 
 EPILOG = """\
@@ -28,6 +30,10 @@ examples:
 Over-long clips: with --max-seconds S, a clip longer than S seconds is truncated to its first
 S seconds (not rejected); its JSON records truncated_from. Without it clips are kept whole.
 An interrupted run (Ctrl-C, kill -9) is finished by rerunning the same command.
+
+Order: clips are shuffled (seeded by --shuffle-seed, recorded in manifest.json) before they are cut
+into shards, so a folder-per-class tree does not become class-clustered shards. A clip that takes
+longer than --clip-timeout seconds to decode (a FIFO, a stalled mount) is rejected as `timeout`.
 """
 
 
@@ -53,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=512, help="samples per shard (default 512)")
     p.add_argument("--max-seconds", type=float, default=None, help="truncate longer clips to their first S seconds")
     p.add_argument("--seed", type=int, default=0, help="--synthetic: corpus seed (default 0)")
+    p.add_argument("--shuffle-seed", type=int, default=0,
+                   help="seed of the clip order within each split (default 0; --synthetic keeps its own random order)")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="keep the source's order (sorted paths, manifest rows) instead of shuffling")
+    p.add_argument("--clip-timeout", type=float, default=DEFAULT_CLIP_TIMEOUT, metavar="SECONDS",
+                   help=f"reject a clip whose decoding takes longer (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit; "
+                        "not applied with --workers 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -150,8 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     if not KEY_RE.match(args.split):
         print(f"make_shards: invalid --split {args.split!r}: letters, digits, '_' and '-' only", file=sys.stderr)
         return 2
-    if args.shard_size < 1 or args.workers < 0 or (args.max_seconds is not None and args.max_seconds <= 0):
-        print("make_shards: --shard-size must be >= 1, --workers >= 0 and --max-seconds > 0", file=sys.stderr)
+    if (args.shard_size < 1 or args.workers < 0 or (args.max_seconds is not None and args.max_seconds <= 0)
+            or args.clip_timeout < 0):
+        print("make_shards: --shard-size must be >= 1, --workers >= 0, --max-seconds > 0 and --clip-timeout >= 0",
+              file=sys.stderr)
         return 2
     try:
         items = _items(args)
@@ -160,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         opts = BuildOptions(out=args.out, shard_size=args.shard_size, workers=args.workers,
-                            max_seconds=args.max_seconds, exclude=load_exclusions(args.exclude), progress=not args.quiet)
+                            max_seconds=args.max_seconds, exclude=load_exclusions(args.exclude), progress=not args.quiet,
+                            shuffle_seed=None if args.no_shuffle else args.shuffle_seed,
+                            clip_timeout=args.clip_timeout or None)
         summary = build(items, opts)
     except (sources.SourceError, BuildError) as exc:
         print(f"make_shards: {exc}", file=sys.stderr)
