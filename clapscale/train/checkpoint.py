@@ -7,13 +7,21 @@ Layout under ``runs/<name>/checkpoints/``::
       zero_pp_rank_*_optim_states.pt
       trainer_state_rank{r}.pt      ours, one per rank: step, samples seen, data position, RNG
       config.yaml                   the resolved config of the run
-      meta.json                     step, samples seen, world size; written last
+      meta.json                     step, samples seen, world size; written last (the marker)
     step_00000100.tmp/              a save in progress (or killed mid-way): never resumed from
+    step_00000050.old/              a complete checkpoint being replaced by a re-save of its step
 
-Every rank calls ``save`` and ``load`` (DeepSpeed's are collective). The directory is written
-under a ``.tmp`` name and renamed by rank 0 after a barrier, so a crash mid-save leaves the
-previous checkpoint as the newest complete one. Our state is loaded with ``weights_only=True``:
-it holds only tensors, numbers, strings, lists and dicts.
+Every rank calls ``save`` and ``load`` (DeepSpeed's are collective). A checkpoint never replaces
+a good one until it is complete: the directory is written under a ``.tmp`` name, every file is
+fsynced, the ranks agree that all of them wrote, and only then rank 0 writes ``meta.json`` and
+renames the directory into place. Re-saving a step that exists (a signal right after a periodic
+save or a resume) first renames the old directory aside to ``.old``, renames the new one in, and
+only then deletes the old one; ``remove_partial`` (at start-up) puts an ``.old`` back when a kill
+left no ``step_N`` beside it. So a kill at any instant leaves the newest complete checkpoint
+resumable. A save that fails (disk full, quota, permissions) on any rank raises
+``CheckpointWriteError`` on every rank, after deleting its ``.tmp`` directory.
+Our state is loaded with ``weights_only=True``: it holds only tensors, numbers, strings, lists
+and dicts.
 """
 
 from __future__ import annotations
@@ -64,6 +72,51 @@ def _barrier() -> None:
         dist.barrier()
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions); raised on every rank."""
+
+
+def _errors_by_rank(error: BaseException | None) -> dict[int, str]:
+    """Collective. Every rank's write error (``{rank: message}``, empty when all succeeded).
+
+    An error on one rank must stop all of them at the same point: a rank that raised alone would
+    leave the others waiting in the next collective.
+    """
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return {} if mine is None else {0: mine}
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {r: m for r, m in enumerate(gathered) if m is not None}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under ``path``, then the directories: data on disk before the rename."""
+    for sub, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(sub, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(sub))
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 class CheckpointManager:
     """Saves and finds checkpoints under ``root``; every method marked collective runs on all ranks."""
 
@@ -111,42 +164,105 @@ class CheckpointManager:
     # ---------------------------------------------------------------------------- saving
 
     def save(self, engine, step: int, state: dict[str, Any], config_yaml: str) -> Path:
-        """Collective. Write DeepSpeed's checkpoint and this rank's ``state`` for ``step``."""
+        """Collective. Write DeepSpeed's checkpoint and this rank's ``state`` for ``step``.
+
+        Raises ``CheckpointWriteError`` on every rank when any rank could not write; the previous
+        checkpoints are then untouched and no ``.tmp`` directory is left behind.
+        """
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
+        error: BaseException | None = None
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
-        part = tmp / f"trainer_state_rank{self.rank}.pt"
-        torch.save(state, str(part) + ".part")
-        os.replace(str(part) + ".part", part)
-        _barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                error = e
+        self._raise_if_failed(_errors_by_rank(error), step, tmp)
+        # torch.save reports a failed write (disk full, file too large) as RuntimeError.
+        try:
+            engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False)
+        except (OSError, RuntimeError) as e:
+            error = e
+            # DeepSpeed's save ends in a barrier where the ranks that could write now wait: join
+            # it so the agreement below lines up with theirs.
+            _barrier()
+        if error is None:
+            try:
+                part = tmp / f"trainer_state_rank{self.rank}.pt"
+                with open(str(part) + ".part", "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(str(part) + ".part", part)
+            except (OSError, RuntimeError) as e:
+                error = e
+        self._raise_if_failed(_errors_by_rank(error), step, tmp)
         if self.rank == 0:
-            (tmp / "config.yaml").write_text(config_yaml)
-            meta = {
-                "step": step,
-                "samples_seen": state.get("samples_seen"),
-                "world_size": self.world_size,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if final.exists():  # a signal-triggered save at a step that was already saved
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in self.complete()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier()
+            try:
+                _fsync_tree(tmp)  # every rank has written and closed its files by now
+                _write_synced(tmp / "config.yaml", config_yaml)
+                meta = {
+                    "step": step,
+                    "samples_seen": state.get("samples_seen"),
+                    "world_size": self.world_size,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+                _write_synced(tmp / "meta.json", json.dumps(meta, indent=1))
+                _fsync_dir(tmp)
+                self._publish(tmp, final)
+            except OSError as e:
+                error = e
+        self._raise_if_failed(_errors_by_rank(error), step, tmp)
         return final
 
-    def remove_partial(self) -> None:
-        """Rank 0 deletes ``.tmp`` directories left by a run killed mid-save."""
-        if self.rank == 0 and self.root.is_dir():
-            for p in self.root.glob("step_*.tmp"):
-                shutil.rmtree(p, ignore_errors=True)
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rank 0: move the complete ``tmp`` to ``final`` so that some complete copy of the step
+        exists at every instant, then prune to the last ``keep_last``."""
+        aside = final.with_name(final.name + ".old")
+        if final.exists():  # a re-save of a step that was already saved
+            shutil.rmtree(aside, ignore_errors=True)  # a stale copy: final is complete
+            os.rename(final, aside)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        shutil.rmtree(aside, ignore_errors=True)
+        for old in self.complete()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _raise_if_failed(self, errors: dict[int, str], step: int, tmp: Path) -> None:
+        if not errors:
+            return
+        if self.rank == 0:
+            self._recover()
         _barrier()
+        latest = self.latest()
+        detail = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+        raise CheckpointWriteError(
+            f"could not write the checkpoint of step {step} under {self.root} ({detail}). "
+            f"Nothing was replaced: the newest complete checkpoint is "
+            f"{latest if latest else 'none (none saved yet)'}. Free disk space (or fix the quota or "
+            "permissions) and rerun with train.resume=auto"
+        )
+
+    def remove_partial(self) -> None:
+        """Rank 0 cleans up after a run killed mid-save: deletes ``.tmp`` directories (never
+        complete) and puts back an ``.old`` copy whose re-save was killed before it replaced it."""
+        if self.rank == 0:
+            self._recover()
+        _barrier()
+
+    def _recover(self) -> None:
+        if not self.root.is_dir():
+            return
+        for p in self.root.glob("step_*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in self.root.glob("step_*.old"):
+            final = p.with_name(p.name[: -len(".old")])
+            if (final / "meta.json").is_file():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.rename(p, final)
 
     # ---------------------------------------------------------------------------- loading
 
