@@ -88,9 +88,34 @@ def test_realised_shares_are_logged(uneven, caplog):
     loader = build_loader(cfg, cfg.data.train)
     with caplog.at_level("INFO", logger="clapscale.data.wds"):
         list(loader)
-    (line,) = [r.getMessage() for r in caplog.records if "realised source shares" in r.getMessage()]
+    (record,) = [r for r in caplog.records if "realised source shares" in r.getMessage()]
     big, small = loader.source_counts
+    line = record.getMessage()
     assert f"{big / (big + small):.3f} (configured 0.500)" in line and f"{big + small} samples" in line
+    assert record.levelname == "INFO"  # within the tolerance: no warning
+
+
+def test_a_source_short_of_its_weight_is_a_warning(tmp_path, caplog):
+    """The source pick is per raw sample: a source whose samples are mostly bad (3 of 4 have no
+    caption) yields ~0.2 of the samples for weight 0.5, and the epoch's log line says so."""
+    write_shards(tiny_records("ok", 32), tmp_path / "ok", "train", shard_size=32)
+    members = []
+    for i, rec in enumerate(tiny_records("poor", 32)):
+        text = [f"poor clip {i}"] if i % 4 == 0 else []
+        members += [(f"{rec['key']}.flac", encode_flac(rec["audio"])),
+                    (f"{rec['key']}.json", json.dumps({"text": text}).encode())]
+    write_raw_shard(tmp_path / "poor" / "000000.tar", members)
+    spec = f"{tmp_path}/ok/train/000000.tar::{tmp_path}/poor/000000.tar"
+    cfg = make_cfg(spec, "data.train_weights=0.5::0.5", "data.batch_size=16", "data.workers=0",
+                   "data.shuffle_buffer=1", "audio.length_policy=pad", "audio.clip_seconds=1", "audio.max_seconds=1")
+    loader = build_loader(cfg, cfg.data.train)
+    with caplog.at_level("INFO", logger="clapscale.data.wds"):
+        for _ in range(3):
+            list(loader)
+    last = [r for r in caplog.records if "realised source shares" in r.getMessage()][-1]
+    assert last.levelname == "WARNING" and "off the weights" in last.getMessage()
+    assert loader.source_counts[1] / sum(loader.source_counts) < 0.3
+    assert loader.skipped["empty_caption"] > 0
 
 
 def test_unreadable_source_is_an_error_not_a_hang(tmp_path):

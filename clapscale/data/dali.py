@@ -588,7 +588,7 @@ class DaliLoader:
                 # where = DALI's "tar:offset:member"; a URL listed by two sources counts for the first.
                 self.source_counts[self._source_of.get(sample["where"].rsplit(":", 2)[0], 0)] += 1
             yield self._batch(out)
-        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch)
+        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch, self.data_cfg.resampled)
         self.set_epoch(self.epoch + 1)
 
     def _iter_eval(self) -> Iterator[dict[str, Any]]:
