@@ -163,6 +163,24 @@ def test_both_backends_read_laion_shards_alike(laion, tmp_path):
     assert torch.equal(torch.cat([b["lengths"] for b in dali]), torch.cat([b["lengths"] for b in wds]))
 
 
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_stereo_clip_that_cancels_is_skipped_as_silent(tmp_path, backend):
+    """A stereo clip whose channels are phase-inverted is silence after the loaders' downmix: skipped
+    and counted as ``silent`` (make_shards rejects such a clip with the same code), not trained on."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    clips = _clips("train", 4, 7)
+    wave = np.asarray(clips[1]["audio"], dtype=np.float32)
+    clips[1]["audio"] = np.stack([wave, -wave], axis=1)
+    split = write_laion_split(tmp_path, "stereo", "train", clips, per_shard=4)
+    assert shards_main(["index", str(split)]) == 0
+    cfg = make_cfg(laion_spec(split), f"data.backend={backend}", "data.batch_size=4", "data.workers=1")
+    loader = build_loader(cfg, cfg.data.train, train=False)
+    keys = sorted(k for b in loader for k in b["keys"])
+    assert keys == ["0", "2", "3"]
+    assert loader.skipped == {"silent": 1}
+
+
 def _run(cmd: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
                TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")

@@ -69,6 +69,7 @@ from clapscale.data.wds import (
     split_member_name,
     text_fields,
 )
+from clapscale.shards.builder import SILENCE_PEAK
 
 # Source picks are drawn in blocks of this many from a generator of (seed, epoch, rank, block), so a
 # resumed run finds pick k without replaying the k before it.
@@ -434,6 +435,9 @@ class DaliLoader:
                 continue
             if wave.size == 0:
                 self._skip("empty_audio", row["where"])
+                continue
+            if float(np.max(np.abs(wave))) < SILENCE_PEAK:  # DALI downmixed it: channels that cancel
+                self._skip("silent", row["where"], "all-silent after downmix to mono")
                 continue
             res = apply_length_policy(wave, self.audio_cfg, row["rng"])
             samples.append({

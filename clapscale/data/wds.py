@@ -46,6 +46,7 @@ from clapscale.config import AudioConfig, DataConfig
 from clapscale.data.captions import EmptyCaptionError, choose_caption, clean_captions, normalise_tags
 from clapscale.data.policies import apply_length_policy
 from clapscale.data.specs import Source, all_urls, shard_sizes
+from clapscale.shards.builder import SILENCE_PEAK
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ SKIP_REASONS = (
     "sample_rate",  # not the configured sample rate (shards are written at 48 kHz)
     "truncated_tar",  # a shard ending mid-member (samples before the cut are kept)
     "unreadable_shard",  # a shard that cannot be opened at all
+    "silent",  # all-silent after downmix to mono (e.g. stereo channels that cancel), as make_shards rejects
 )
 
 WARN_REASONS = (
@@ -157,7 +159,10 @@ def decode_audio(data: bytes, audio_cfg: AudioConfig) -> np.ndarray:
         raise SkipSample("decode_error", repr(e)) from e
     if wave.shape[0] == 0:
         raise SkipSample("empty_audio")
-    return wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+    mono = wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+    if float(np.max(np.abs(mono))) < SILENCE_PEAK:
+        raise SkipSample("silent", "all-silent after downmix to mono")
+    return mono
 
 
 def parse_meta(raw: dict[str, Any], on_warn: Callable[[str, str], None] | None = None) -> dict[str, Any]:
