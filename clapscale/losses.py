@@ -16,6 +16,9 @@ Per-rank batches must all have the same size b (the loaders drop the last partia
 
 from __future__ import annotations
 
+import hashlib
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -48,7 +51,14 @@ def gather_features(x: torch.Tensor, rank: int, world_size: int, with_grad: bool
     if with_grad:
         import torch.distributed.nn.functional as dist_fn
 
-        return torch.cat(dist_fn.all_gather(x), dim=0)
+        with warnings.catch_warnings():
+            # torch marks this autograd all_gather deprecated in favour of the private
+            # torch.distributed._functional_collectives; it is the call whose backward returns
+            # each rank's gradient to the feature's owner (tests/test_losses_dist.py checks it
+            # against one process), so keep it and silence that one warning, printed by every rank.
+            warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                                    category=FutureWarning)
+            return torch.cat(dist_fn.all_gather(x), dim=0)
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.detach().contiguous())
     parts[rank] = x
@@ -139,20 +149,26 @@ class SoftLabelClipLoss(_GatheredContrastive):
     For row i the audio->text target is ``(1 - beta) * onehot(i) + beta * S_a[i]`` and the
     text->audio target ``(1 - beta) * onehot(i) + beta * S_t[i]`` (eqs. 3-4), where S_a / S_t are the
     teacher's intra-modal similarities. The paper's C~ = a~ a~^T rows are cosines, not
-    distributions; KL needs a distribution, so each row is turned into one with a softmax at the
-    teacher's temperature (``teacher_logit_scale``). The loss is the mean row KL(target ||
-    softmax(student logits)) of the two directions (eq. 5), averaged. ``beta = 0`` reduces it to
-    ``ClipLoss`` exactly (the entropy of a one-hot target is zero).
+    distributions; KL needs a distribution, so each row becomes ``softmax(cosines / temperature)``.
+    The temperature is the targets' own (``loss.soft_label_temperature``), not the teacher's learned
+    one: a trained teacher's scale sits at its clamp (~100), where a neighbour at cosine 0.9 gets
+    weight e^-10 against the sample's own cosine 1, so the soft part collapses onto the diagonal
+    and the loss is InfoNCE again. The loss is the mean row KL(target || softmax(student logits))
+    of the two directions (eq. 5), averaged. ``beta = 0`` reduces it to ``ClipLoss`` exactly (the
+    entropy of a one-hot target is zero).
 
-    ``forward(audio, text, logit_scale, teacher_audio, teacher_text, teacher_logit_scale)``; all
-    features (b, D) and L2-normalised; teacher features carry no gradient.
+    ``forward(audio, text, logit_scale, teacher_audio, teacher_text)``; all features (b, D) and
+    L2-normalised; teacher features carry no gradient.
     """
 
-    def __init__(self, beta: float = 0.3, **kwargs) -> None:
+    def __init__(self, beta: float = 0.3, temperature: float = 0.1, **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"soft-label beta must be in [0, 1], got {beta}")
+        if not temperature > 0.0:
+            raise ValueError(f"soft-label temperature must be > 0, got {temperature}")
         self.beta = beta
+        self.temperature = temperature
 
     def forward(
         self,
@@ -161,7 +177,6 @@ class SoftLabelClipLoss(_GatheredContrastive):
         logit_scale: torch.Tensor,
         teacher_audio: torch.Tensor,
         teacher_text: torch.Tensor,
-        teacher_logit_scale: torch.Tensor | float,
     ) -> torch.Tensor:
         _check_pair(audio, text)
         _check_pair(teacher_audio, teacher_text)
@@ -176,17 +191,64 @@ class SoftLabelClipLoss(_GatheredContrastive):
         with torch.no_grad():
             t_audio = gather_features(teacher_audio.detach(), self.rank, self.world_size, False)
             t_text = gather_features(teacher_text.detach(), self.rank, self.world_size, False)
-            target_a2t = self._targets(t_audio[rows] @ t_audio.T, teacher_logit_scale, rows)
-            target_t2a = self._targets(t_text[rows] @ t_text.T, teacher_logit_scale, rows)
+            target_a2t = self.targets(t_audio[rows] @ t_audio.T, rows)
+            target_t2a = self.targets(t_text[rows] @ t_text.T, rows)
         logits_a2t, logits_t2a = self._logits(audio, text, all_audio, all_text, logit_scale)
         return 0.5 * (_row_kl(target_a2t, logits_a2t) + _row_kl(target_t2a, logits_t2a))
 
-    def _targets(
-        self, similarity: torch.Tensor, scale: torch.Tensor | float, rows: torch.Tensor
-    ) -> torch.Tensor:
-        soft = torch.softmax(scale * similarity.float(), dim=-1)
+    def targets(self, similarity: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Target distributions (R, N) from teacher cosines ``similarity`` (R, N); ``rows`` (R,)
+        are the global indices of the rows (where the hard label sits)."""
+        soft = torch.softmax(similarity.float() / self.temperature, dim=-1)
         hard = F.one_hot(rows, similarity.shape[1]).to(soft.dtype)
         return (1.0 - self.beta) * hard + self.beta * soft
+
+
+class DuplicateAwareClipLoss(_GatheredContrastive):
+    """Symmetric InfoNCE whose targets count every sample of the same group as a positive.
+
+    Captions taken from paths or templates repeat ("wolf hit" for four recordings, "The sound of
+    dog" for every dog): plain InfoNCE makes the identical captions in a batch negatives of each
+    other and pushes apart clips the data calls the same. Here row i's target is uniform over the
+    columns j with ``group_j == group_i`` (itself included): ``target = same / same.sum(1)``, and
+    the loss is the soft-target cross-entropy of both directions, averaged. Groups are integer
+    ids of a caption (or a tag set), gathered from every rank like the features. With all
+    groups distinct this is ``ClipLoss`` exactly.
+
+    ``forward(audio (b, D), text (b, D), logit_scale (), groups (b,) int64) -> loss ()``.
+    """
+
+    def forward(
+        self, audio: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, groups: torch.Tensor
+    ) -> torch.Tensor:
+        _check_pair(audio, text)
+        b = audio.shape[0]
+        if groups.shape != (b,):
+            raise ValueError(f"groups must be ({b},), one id per sample, got {tuple(groups.shape)}")
+        groups = groups.to(device=audio.device, dtype=torch.long)
+        all_groups = gather_features(groups[:, None], self.rank, self.world_size, False)[:, 0]
+        rows = self._rows(b, audio.device)
+        same = (all_groups[rows, None] == all_groups[None, :]).float()
+        target = same / same.sum(dim=1, keepdim=True)
+        logits_a2t, logits_t2a = self._logits(audio, text, self._gather(audio), self._gather(text), logit_scale)
+        return 0.5 * (_soft_cross_entropy(target, logits_a2t) + _soft_cross_entropy(target, logits_t2a))
+
+
+def caption_groups(captions: list[str]) -> torch.Tensor:
+    """(b,) int64 group ids of captions for ``DuplicateAwareClipLoss``: equal after lower-casing
+    and collapsing whitespace <=> equal id. A keyed hash, so every rank gives the same text the
+    same id without exchanging strings (a collision of two different captions, p ~ b^2 / 2^64, would
+    make them positives of each other)."""
+    ids = []
+    for text in captions:
+        norm = " ".join(text.lower().split()).encode("utf-8")
+        ids.append(int.from_bytes(hashlib.blake2b(norm, digest_size=8).digest(), "big", signed=True))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _soft_cross_entropy(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_j target_ij log softmax(logits_i)_j."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
 
 
 def _row_kl(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -207,5 +269,7 @@ def build_loss(cfg_loss, rank: int = 0, world_size: int = 1) -> nn.Module:
     if cfg_loss.kind == "infonce":
         return ClipLoss(**common)
     if cfg_loss.kind == "soft_label":
-        return SoftLabelClipLoss(beta=cfg_loss.soft_label_beta, **common)
+        return SoftLabelClipLoss(
+            beta=cfg_loss.soft_label_beta, temperature=cfg_loss.soft_label_temperature, **common
+        )
     raise ValueError(f"loss.kind={cfg_loss.kind!r} is not one of 'infonce', 'soft_label'")

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from clapscale.losses import ClipLoss, SoftLabelClipLoss, gather_features
+from clapscale.losses import ClipLoss, DuplicateAwareClipLoss, SoftLabelClipLoss, gather_features
 
 WORLD = 2
 B = 3  # per rank
@@ -46,15 +46,21 @@ CASES = {
     "infonce_local": lambda **kw: ClipLoss(local_loss=True, gather_with_grad=True, **kw),
     "infonce_full_grad": lambda **kw: ClipLoss(local_loss=False, gather_with_grad=True, **kw),
     "infonce_full_nograd": lambda **kw: ClipLoss(local_loss=False, gather_with_grad=False, **kw),
-    "soft_label_local": lambda **kw: SoftLabelClipLoss(beta=0.3, **kw),
+    "soft_label_local": lambda **kw: SoftLabelClipLoss(beta=0.3, temperature=0.2, **kw),
+    "duplicate_aware_local": lambda **kw: DuplicateAwareClipLoss(**kw),
 }
+# Caption groups of the global batch for the duplicate-aware case: duplicates within a rank
+# (samples 0 and 2) and across ranks (1 and 4).
+GROUPS = torch.tensor([7, 5, 7, 2, 5, 9])
 
 
-def _run(model, loss_fn, xa, xt, ta, tt):
+def _run(model, loss_fn, xa, xt, ta, tt, groups=GROUPS):
     a, t, s = model(xa, xt)
+    if isinstance(loss_fn, DuplicateAwareClipLoss):
+        return loss_fn(a, t, s, groups)
     if isinstance(loss_fn, SoftLabelClipLoss):
         teacher = F.normalize(ta, dim=-1)[:, :D], F.normalize(tt, dim=-1)[:, :D]
-        return loss_fn(a, t, s, F.normalize(teacher[0], dim=-1), F.normalize(teacher[1], dim=-1), 5.0)
+        return loss_fn(a, t, s, F.normalize(teacher[0], dim=-1), F.normalize(teacher[1], dim=-1))
     return loss_fn(a, t, s)
 
 
@@ -75,7 +81,7 @@ def _worker(rank, port, out_dir):
             ref.backward()
 
             model = _TwoTower()
-            loss = _run(model, make(rank=rank, world_size=WORLD), xa[mine], xt[mine], ta[mine], tt[mine])
+            loss = _run(model, make(rank=rank, world_size=WORLD), xa[mine], xt[mine], ta[mine], tt[mine], GROUPS[mine])
             loss.backward()
             # What DeepSpeed / DDP do: average the loss report and the gradients over ranks.
             report = loss.detach().clone()
