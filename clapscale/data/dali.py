@@ -55,7 +55,8 @@ import torch
 
 from clapscale.config import AudioConfig, DataConfig
 from clapscale.data.policies import apply_length_policy, frames_of
-from clapscale.data.specs import Source, all_urls
+from clapscale.data.shardio import split_member_name
+from clapscale.data.specs import ShardSpecError, Source, all_urls, check_shards_exist, is_remote
 from clapscale.data.wds import (
     SkipLog,
     SkipSample,
@@ -66,10 +67,8 @@ from clapscale.data.wds import (
     log_source_shares,
     parse_meta,
     sample_rng,
-    split_member_name,
     text_fields,
 )
-from clapscale.shards.builder import SILENCE_PEAK
 
 # Source picks are drawn in blocks of this many from a generator of (seed, epoch, rank, block), so a
 # resumed run finds pick k without replaying the k before it.
@@ -128,11 +127,16 @@ class DaliLoader:
                 f"data.train_weights={data_cfg.train_weights!r}: mixing weights need "
                 "data.resampled=true (epoch mode visits every shard once); set it, or drop the weights"
             )
+        remote = [u for u in all_urls(sources) if is_remote(u)]
+        if remote:
+            # DALI's webdataset reader opens paths itself: no pipe: commands, no URLs.
+            raise ShardSpecError(
+                f"data.backend=dali reads local files only, got {remote[0]!r}; use data.backend=wds for "
+                "remote shards (or copy them to local disk with their .idx files)"
+            )
+        sources = check_shards_exist(sources)
         self.sources = sources
         self.urls = all_urls(sources)
-        for u in self.urls:
-            if "://" in u or u.startswith("pipe:"):
-                raise ValueError(f"data.backend=dali reads local files only, got {u!r}; use data.backend=wds")
         self.audio_cfg = audio_cfg
         self.data_cfg = data_cfg
         self.tokenizer = tokenizer
@@ -436,9 +440,6 @@ class DaliLoader:
             if wave.size == 0:
                 self._skip("empty_audio", row["where"])
                 continue
-            if float(np.max(np.abs(wave))) < SILENCE_PEAK:  # DALI downmixed it: channels that cancel
-                self._skip("silent", row["where"], "all-silent after downmix to mono")
-                continue
             res = apply_length_policy(wave, self.audio_cfg, row["rng"])
             samples.append({
                 "pick": row["pick"], "key": row["key"], "where": row["where"], "waveform": res.waveform, "length": res.length,
@@ -592,7 +593,7 @@ class DaliLoader:
                 # where = DALI's "tar:offset:member"; a URL listed by two sources counts for the first.
                 self.source_counts[self._source_of.get(sample["where"].rsplit(":", 2)[0], 0)] += 1
             yield self._batch(out)
-        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch, self.data_cfg.resampled)
+        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch)
         self.set_epoch(self.epoch + 1)
 
     def _iter_eval(self) -> Iterator[dict[str, Any]]:

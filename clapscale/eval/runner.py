@@ -63,20 +63,16 @@ def limit_spec(spec: str, max_clips: int) -> str:
 
     ``eval.max_clips`` keeps the ``max_clips`` smallest sample keys of these shards (``embed_split``),
     a subset that depends on the spec alone, never on the world size; reading only these shards is
-    what bounds the cost. Shard sizes come from ``sizes.json`` / ``.idx`` (``shard_sizes``); without
-    them the whole spec is read (same subset rule, no saving). Bad samples in these shards leave
-    fewer than ``max_clips`` clips. ``max_clips == 0`` returns ``spec`` unchanged.
+    what bounds the cost. Shard sizes come from ``shard_sizes`` (``sizes.json``, the manifest, ``.idx``
+    or a header scan), as the evaluation loader's split over ranks does. Bad samples in these shards
+    leave fewer than ``max_clips`` clips. ``max_clips == 0`` returns ``spec`` unchanged.
     """
     if not max_clips:
         return spec
     from clapscale.data.specs import all_urls, parse_spec, shard_sizes
 
     urls = all_urls(parse_spec(spec))
-    try:
-        sizes = shard_sizes(urls)
-    except FileNotFoundError as e:
-        log.warning("eval.max_clips=%d reads all of %s: %s", max_clips, spec, e)
-        return spec
+    sizes = shard_sizes(urls)
     total = 0
     for n, url in enumerate(urls, 1):
         total += sizes[url]

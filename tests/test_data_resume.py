@@ -1,0 +1,104 @@
+"""Epoch-mode resume (``data.resampled: false``) on real shards: a resumed stream equals the
+uninterrupted one sample for sample, counts every skipped sample once, and reads only what it
+yields (plus tar headers) instead of replaying the epoch's bytes up to the saved position."""
+
+from __future__ import annotations
+
+import tarfile
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from clapscale.data import build_loader
+from test_data_common import (  # noqa: F401 - session fixtures
+    bad_shards,
+    clean_shards,
+    clean_spec,
+    make_cfg,
+)
+
+# Bytes per sample a resume may read besides the data of the samples it yields: two 512-byte
+# member headers and tarfile's 1-byte end-of-member probes, with room to spare.
+HEADER_ALLOWANCE = 2048
+
+
+def keys_of(batches) -> list[str]:
+    return [k for b in batches for k in b["keys"]]
+
+
+def run_until(cfg, n_batches: int):
+    """A loader that has yielded ``n_batches`` batches, and those batches."""
+    loader = build_loader(cfg, cfg.data.train)
+    taken = []
+    if n_batches:
+        for batch in loader:
+            taken.append(batch)
+            if len(taken) == n_batches:
+                break
+    return loader, taken
+
+
+def resume_from(cfg, state):
+    loader = build_loader(cfg, cfg.data.train)
+    loader.load_state_dict(state)
+    return loader, list(loader)
+
+
+def member_bytes(tars: list[Path]) -> dict[str, int]:
+    """Data bytes of each sample key, from the tars themselves (independent of the loader)."""
+    out: dict[str, int] = defaultdict(int)
+    for tar in tars:
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                if m.isfile():
+                    out[m.name.split(".", 1)[0]] += m.size
+    return out
+
+
+def test_resumed_epoch_equals_uninterrupted_with_each_skip_counted_once(clean_shards, bad_shards):
+    """Two workers over clean shards, a shard truncated mid-sample and one with an undecodable
+    sample: resuming after any batch gives the same batches and the same skip counts."""
+    spec = "::".join([clean_spec(clean_shards), str(bad_shards / "truncated_tar.tar"),
+                      str(bad_shards / "decode_error.tar")])
+    cfg = make_cfg(spec, "data.batch_size=2", "data.workers=2", "data.resampled=false",
+                   "data.shuffle_buffer=3", "audio.length_policy=rand_trunc")
+    full, _ = run_until(cfg, 0)
+    batches = list(full)
+    assert full.skipped == {"truncated_tar": 1, "decode_error": 1}
+    for stop in range(1, len(batches)):
+        first, taken = run_until(cfg, stop)
+        resumed, rest = resume_from(cfg, first.state_dict())
+        assert keys_of(taken + rest) == keys_of(batches), stop
+        for a, b in zip(taken + rest, batches):
+            assert torch.equal(a["waveform"], b["waveform"])  # same crops: same epoch, same keys
+        assert resumed.skipped == full.skipped, stop
+
+
+def bytes_read_by_process() -> int:
+    """Bytes this process has read through read() calls so far (the kernel's count, /proc/self/io)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no rchar in /proc/self/io")
+
+
+@pytest.mark.parametrize("stop", [2, 5, 7])
+def test_resume_reads_only_what_it_yields(clean_shards, stop):
+    """In-process loader (no workers), so the kernel's read count is the loader's."""
+    tars = sorted(clean_shards.glob("*.tar"))
+    cfg = make_cfg(clean_spec(clean_shards), "data.batch_size=2", "data.workers=0", "data.resampled=false",
+                   "data.shuffle_buffer=4")
+    full, _ = run_until(cfg, 0)
+    everything = keys_of(full)
+    first, taken = run_until(cfg, stop)
+    before = bytes_read_by_process()
+    resumed, rest = resume_from(cfg, first.state_dict())
+    read = bytes_read_by_process() - before
+    assert keys_of(taken) + keys_of(rest) == everything
+    sizes = member_bytes(tars)
+    yielded = sum(sizes[k] for k in keys_of(rest))
+    # Replaying would read every byte up to the position again (the taken samples' data too).
+    assert read <= yielded + HEADER_ALLOWANCE * len(everything)
+    assert 0 < resumed.bytes_read <= read  # the loader's own count is of the same reads
