@@ -69,6 +69,7 @@ from clapscale.data.wds import (
     sample_rng,
     text_fields,
 )
+from clapscale.shards.builder import SILENCE_PEAK
 
 # Source picks are drawn in blocks of this many from a generator of (seed, epoch, rank, block), so a
 # resumed run finds pick k without replaying the k before it.
@@ -440,6 +441,9 @@ class DaliLoader:
             if wave.size == 0:
                 self._skip("empty_audio", row["where"])
                 continue
+            if float(np.max(np.abs(wave))) < SILENCE_PEAK:  # DALI downmixed it: channels that cancel
+                self._skip("silent", row["where"], "all-silent after downmix to mono")
+                continue
             res = apply_length_policy(wave, self.audio_cfg, row["rng"])
             samples.append({
                 "pick": row["pick"], "key": row["key"], "where": row["where"], "waveform": res.waveform, "length": res.length,
@@ -593,7 +597,7 @@ class DaliLoader:
                 # where = DALI's "tar:offset:member"; a URL listed by two sources counts for the first.
                 self.source_counts[self._source_of.get(sample["where"].rsplit(":", 2)[0], 0)] += 1
             yield self._batch(out)
-        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch)
+        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch, self.data_cfg.resampled)
         self.set_epoch(self.epoch + 1)
 
     def _iter_eval(self) -> Iterator[dict[str, Any]]:

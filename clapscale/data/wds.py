@@ -52,6 +52,7 @@ from clapscale.data.captions import EmptyCaptionError, choose_caption, clean_cap
 from clapscale.data.policies import apply_length_policy
 from clapscale.data.shardio import ByteCounter, ShuffleBuffer, eval_plan, iter_tar_samples, resume_stream
 from clapscale.data.specs import Source, all_urls, check_shards_exist, shard_sizes
+from clapscale.shards.builder import SILENCE_PEAK
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ SKIP_REASONS = (
     "sample_rate",  # not the configured sample rate (shards are written at 48 kHz)
     "truncated_tar",  # a shard ending mid-member (samples before the cut are kept)
     "unreadable_shard",  # a shard that cannot be opened at all
+    "silent",  # all-silent after downmix to mono (e.g. stereo channels that cancel), as make_shards rejects
 )
 
 WARN_REASONS = (
@@ -117,7 +119,10 @@ def decode_audio(data: bytes, audio_cfg: AudioConfig) -> np.ndarray:
         raise SkipSample("decode_error", repr(e)) from e
     if wave.shape[0] == 0:
         raise SkipSample("empty_audio")
-    return wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+    mono = wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+    if float(np.max(np.abs(mono))) < SILENCE_PEAK:
+        raise SkipSample("silent", "all-silent after downmix to mono")
+    return mono
 
 
 def parse_meta(raw: dict[str, Any], on_warn: Callable[[str, str], None] | None = None) -> dict[str, Any]:
@@ -301,16 +306,18 @@ class ShardStream(IterableDataset):
         while True:
             i = rng.choices(indices, weights=weights)[0]
             src = self.sources[i]
-            empty: set[str] = set()  # shards of this source that gave nothing since its last sample
+            empty: set[str] = set()  # shards of this source opened since its last sample that gave none
             while True:
-                if open_shards[i] is None:
+                fresh = open_shards[i] is None
+                if fresh:
                     url = rng.choice(src.urls)
                     open_shards[i] = iter_tar_samples(url, on_skip, counter=self.bytes)
                 raw = next(open_shards[i], None)  # type: ignore[arg-type]
                 if raw is not None:
                     break
-                open_shards[i] = None
-                empty.add(url)
+                open_shards[i] = None  # ended (after its samples, or unreadable when fresh)
+                if fresh:
+                    empty.add(url)
                 if len(empty) == len(set(src.urls)):
                     raise ValueError(
                         f"data source {src.spec!r}: none of its {len(empty)} shard(s) holds a readable "
@@ -389,18 +396,29 @@ def source_shares(sources: list[Source], counts: list[int]) -> dict[str, float]:
     return {src.spec: (n / total if total else 0.0) for src, n in zip(sources, counts)}
 
 
-def log_source_shares(sources: list[Source], counts: list[int], rank: int, epoch: int) -> None:
-    """One log line: each source's realised share of the samples this rank has emitted so far
-    against its configured share (the normalised mixing weight)."""
+def log_source_shares(sources: list[Source], counts: list[int], rank: int, epoch: int, weighted: bool) -> None:
+    """One log line: each source's realised share of the samples this rank has yielded so far.
+
+    ``weighted`` (``data.resampled: true``): each share is shown beside its configured one (the
+    normalised mixing weight), and a share more than 4 binomial standard deviations off it is a
+    warning: the source pick is per raw sample, so a source whose samples are often bad (skipped)
+    falls short of its weight.
+    """
     if len(sources) < 2:
         return
+    n = sum(counts)
     total_w = sum(s.weight for s in sources)
-    parts = [
-        f"{src.spec} {share:.3f} (configured {src.weight / total_w:.3f})"
-        for src, share in zip(sources, source_shares(sources, counts).values())
-    ]
-    log.info("rank %d after epoch %d, %d samples: realised source shares %s",
-             rank, epoch, sum(counts), "; ".join(parts))
+    parts, off = [], False
+    for src, share in zip(sources, source_shares(sources, counts).values()):
+        if not weighted:
+            parts.append(f"{src.spec} {share:.3f}")
+            continue
+        want = src.weight / total_w
+        off |= n > 0 and abs(share - want) > 4 * (want * (1 - want) / n) ** 0.5
+        parts.append(f"{src.spec} {share:.3f} (configured {want:.3f})")
+    level = logging.WARNING if off else logging.INFO
+    log.log(level, "rank %d after epoch %d, %d samples: realised source shares %s%s", rank, epoch, n,
+            "; ".join(parts), " (off the weights: check the skip counts)" if off else "")
 
 
 class WdsLoader:
@@ -560,7 +578,7 @@ class WdsLoader:
                 yield from self._pass(self._stream(None, 0), track=False, limit=limit)
                 if self.batches == before:
                     raise RuntimeError(f"rank {self.rank} cannot make a single batch: every sample is bad")
-        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch)
+        log_source_shares(self.sources, self.source_counts, self.rank, self.epoch, self.data_cfg.resampled)
         self._next_epoch()
 
     def _stream(self, resume: list[int] | None, batches: int) -> DataLoader:
