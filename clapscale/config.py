@@ -185,6 +185,9 @@ class LossConfig:
     # all_gather that carries gradient back to the owning rank. local_loss without it is refused.
     gather_with_grad: bool = True
     soft_label_beta: float = 0.3
+    # Temperature of the soft targets: softmax(teacher cosines / T). Its own, not the teacher's
+    # learned one (~0.01 once trained), at which every neighbour's weight vanishes.
+    soft_label_temperature: float = 0.1
     # Checkpoint of a frozen teacher CLAP for soft labels; empty = the model itself, detached.
     teacher: str = ""
 
@@ -198,6 +201,7 @@ class LossConfig:
             )
         if not 0.0 <= self.soft_label_beta <= 1.0:
             raise ConfigError(f"{path}.soft_label_beta must be in [0, 1], got {self.soft_label_beta}")
+        _positive(f"{path}.soft_label_temperature", self.soft_label_temperature)
 
 
 @dataclass

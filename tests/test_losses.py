@@ -36,13 +36,13 @@ def test_clip_loss_closed_form_for_orthogonal_pairs():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
-def _soft_label_reference(a, t, s, ta, tt, ts, beta):
+def _soft_label_reference(a, t, s, ta, tt, temperature, beta):
     """Row-by-row loops, straight from eqs. 2-5 of the soft-label paper (softmax-normalised)."""
     n = a.shape[0]
     total = 0.0
     for student_rows, student_cols, teacher in ((a, t, ta), (t, a, tt)):
         for i in range(n):
-            sim = [float(teacher[i] @ teacher[j]) * ts for j in range(n)]
+            sim = [float(teacher[i] @ teacher[j]) / temperature for j in range(n)]
             z = sum(math.exp(v) for v in sim)
             target = [(1 - beta) * (i == j) + beta * math.exp(sim[j]) / z for j in range(n)]
             logits = [float(student_rows[i] @ student_cols[j]) * s for j in range(n)]
@@ -54,8 +54,8 @@ def _soft_label_reference(a, t, s, ta, tt, ts, beta):
 def test_soft_label_loss_matches_reference():
     a, t = _features(seed=1)
     ta, tt = _features(seed=2)
-    got = SoftLabelClipLoss(beta=0.3)(a, t, torch.tensor(10.0), ta, tt, torch.tensor(20.0))
-    want = _soft_label_reference(a.double(), t.double(), 10.0, ta.double(), tt.double(), 20.0, 0.3)
+    got = SoftLabelClipLoss(beta=0.3, temperature=0.05)(a, t, torch.tensor(10.0), ta, tt)
+    want = _soft_label_reference(a.double(), t.double(), 10.0, ta.double(), tt.double(), 0.05, 0.3)
     assert got.item() == pytest.approx(want, rel=1e-5)
 
 
@@ -63,8 +63,48 @@ def test_soft_label_with_beta_zero_is_infonce():
     a, t = _features(seed=3)
     ta, tt = _features(seed=4)
     s = torch.tensor(7.0)
-    soft = SoftLabelClipLoss(beta=0.0)(a, t, s, ta, tt, 5.0)
+    soft = SoftLabelClipLoss(beta=0.0)(a, t, s, ta, tt)
     torch.testing.assert_close(soft, ClipLoss()(a, t, s))
+
+
+def _pair_at_cosine(c):
+    """Two unit vectors at cosine ``c`` (2, 2)."""
+    return torch.tensor([[1.0, 0.0], [c, math.sqrt(1.0 - c * c)]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.1, 0.5])
+def test_soft_targets_closed_form(temperature):
+    # Row 0 of a 2-sample batch: own cosine 1, neighbour cosine c. softmax([1, c] / T) puts
+    # 1 / (1 + e^((c - 1) / T)) on itself; the hard label adds (1 - beta) there.
+    c, beta = 0.9, 0.3
+    x = _pair_at_cosine(c)
+    loss = SoftLabelClipLoss(beta=beta, temperature=temperature)
+    target = loss.targets(x @ x.T, torch.arange(2))
+    neighbour = math.exp((c - 1.0) / temperature) / (1.0 + math.exp((c - 1.0) / temperature))
+    want = torch.tensor([[1.0 - beta * neighbour, beta * neighbour],
+                         [beta * neighbour, 1.0 - beta * neighbour]], dtype=torch.float32)
+    torch.testing.assert_close(target, want, rtol=1e-6, atol=1e-7)
+
+
+def test_soft_targets_keep_neighbours_of_a_trained_teacher():
+    # A trained teacher's learned scale sits at its clamp, 100: softmaxing its cosines at that
+    # scale gave a neighbour at cosine 0.9 the weight e^-10 (the targets were one-hot). The
+    # targets' own default temperature keeps it a real share of the soft label.
+    default = LossConfig().soft_label_temperature
+    x = _pair_at_cosine(0.9)
+    neighbour = SoftLabelClipLoss(beta=1.0, temperature=default).targets(x @ x.T, torch.arange(2))[0, 1]
+    at_teacher_scale = SoftLabelClipLoss(beta=1.0, temperature=1 / 100).targets(x @ x.T, torch.arange(2))[0, 1]
+    assert at_teacher_scale < 1e-4
+    assert neighbour > 0.1
+
+
+def test_soft_label_temperature_is_validated():
+    from clapscale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="loss.soft_label_temperature"):
+        load_config(None, ["loss.soft_label_temperature=0"])
+    with pytest.raises(ValueError, match="temperature"):
+        SoftLabelClipLoss(temperature=-1.0)
 
 
 def test_local_loss_without_grad_gather_is_refused():
@@ -81,8 +121,8 @@ def test_local_loss_without_grad_gather_is_refused():
 
 def test_build_loss_from_config():
     assert isinstance(build_loss(LossConfig(kind="infonce")), ClipLoss)
-    soft = build_loss(LossConfig(kind="soft_label", soft_label_beta=0.25))
-    assert isinstance(soft, SoftLabelClipLoss) and soft.beta == 0.25
+    soft = build_loss(LossConfig(kind="soft_label", soft_label_beta=0.25, soft_label_temperature=0.07))
+    assert isinstance(soft, SoftLabelClipLoss) and soft.beta == 0.25 and soft.temperature == 0.07
 
 
 def test_mismatched_shapes_name_both():

@@ -72,8 +72,8 @@ def test_gradcache_matches_single_graph_soft_label():
     with torch.no_grad():
         ta = torch.cat([teacher(x)[0] for x in micro])
         tt = torch.cat([teacher(x)[1] for x in micro])
-    soft = SoftLabelClipLoss(beta=0.3)
-    _check(lambda a, t, s: soft(a, t, s, ta, tt, 10.0))
+    soft = SoftLabelClipLoss(beta=0.3, temperature=0.1)
+    _check(lambda a, t, s: soft(a, t, s, ta, tt))
 
 
 def test_nonfinite_loss_back_propagates_nothing():

@@ -216,13 +216,13 @@ class Trainer:
             return None
         with torch.no_grad():
             outs = [self.teacher(x["mel"].float(), x["is_longer"], x["input_ids"], x["attention_mask"]) for x in micro_inputs]
-        return torch.cat([o[0] for o in outs]).float(), torch.cat([o[1] for o in outs]).float(), outs[0][2].float()
+        return torch.cat([o[0] for o in outs]).float(), torch.cat([o[1] for o in outs]).float()
 
     def _loss(self, audio, text, scale, teacher) -> torch.Tensor:
         if isinstance(self.loss_fn, SoftLabelClipLoss):
             # Without a teacher checkpoint the model itself, detached, provides the soft labels.
-            ta, tt, ts = teacher if teacher is not None else (audio.detach(), text.detach(), scale.detach())
-            return self.loss_fn(audio, text, scale, ta, tt, ts)
+            ta, tt = teacher if teacher is not None else (audio.detach(), text.detach())
+            return self.loss_fn(audio, text, scale, ta, tt)
         return self.loss_fn(audio, text, scale)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
