@@ -230,6 +230,10 @@ class TrainConfig:
     steps: int = 1000
     zero_stage: int = 1  # 0 | 1 | 2 | 3
     precision: str = "bf16"  # bf16 | fp16 | fp32
+    # Under bf16: the dtype gradients are accumulated over micro-batches and all-reduced across
+    # ranks in. fp32 keeps small contributions that bf16's 8-bit mantissa rounds away when many
+    # micro-batches / ranks are summed; bf16 halves the gradient traffic (DeepSpeed's default).
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16
     grad_accum: int = 1
     checkpoint_every: int = 500
     keep_last: int = 3
@@ -245,6 +249,13 @@ class TrainConfig:
     def validate(self, path: str) -> None:
         _choice(f"{path}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice(f"{path}.precision", self.precision, ("bf16", "fp16", "fp32"))
+        _choice(f"{path}.grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
+        if self.precision == "bf16" and self.zero_stage == 0 and self.grad_reduce_dtype == "fp32":
+            raise ConfigError(
+                f"{path}.zero_stage=0 with {path}.precision=bf16 accumulates gradients in bf16 (DeepSpeed "
+                f"has no fp32 accumulation without ZeRO): use {path}.zero_stage=1 (it partitions only the "
+                f"optimizer state; same update), or accept bf16 with {path}.grad_reduce_dtype=bf16"
+            )
         _positive(f"{path}.steps", self.steps)
         _positive(f"{path}.grad_accum", self.grad_accum)
         _positive(f"{path}.keep_last", self.keep_last)

@@ -31,7 +31,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         # Gather the full model when saving a 16-bit copy is asked for; the fp32 export below
         # reads the master weights instead, so this stays off.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-    return {
+    ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "train_batch_size": micro * accum * world_size,
@@ -44,6 +44,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if cfg.train.precision == "bf16":
+        # DeepSpeed's defaults accumulate micro-batch gradients and all-reduce them across ranks in
+        # bf16 (8-bit mantissa): summing many contributions rounds the small ones away.
+        # train.grad_reduce_dtype (fp32 by default) sets both.
+        ds["communication_data_type"] = cfg.train.grad_reduce_dtype
+        ds["data_types"] = {"grad_accum_dtype": cfg.train.grad_reduce_dtype}
+    return ds
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
