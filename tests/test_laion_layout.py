@@ -127,6 +127,16 @@ def test_index_command(laion, tmp_path, capsys):
     assert "no *.tar under" in capsys.readouterr().err
 
 
+def test_index_refuses_member_names_with_whitespace(tmp_path, capsys):
+    """The index is whitespace-separated (DALI reads `ext offset size name` groups): a member path with a
+    space would be mis-read as the next field, so the shard is refused with what to do instead."""
+    split = write_laion_split(tmp_path / "my data", "s", "train", _clips("train", 2, 9), per_shard=2)
+    assert shards_main(["index", str(split)]) == 1
+    err = capsys.readouterr().err
+    assert "0.tar: member" in err and "has whitespace in its name" in err and "data.backend=wds" in err
+    assert not (split / "0.idx").exists()
+
+
 def test_index_is_documented_in_help(capsys):
     with pytest.raises(SystemExit) as e:
         shards_main(["index", "--help"])
