@@ -11,8 +11,8 @@ Resumability by construction:
   the shard's tar and index were renamed into place (``writer.write_shard`` is atomic), so after a
   Ctrl-C or kill -9 every final-named tar is whole, and a tar without its done-file is rebuilt
   (byte-identical: the tar headers are deterministic).
-- Duplicate removal ("first occurrence wins") and rejects are recorded per unit, and units are
-  completed in order; a rerun keeps only the unbroken prefix of completed units, so it reaches the
+- Duplicate removal ("first occurrence in build order wins": the copy in the earlier shard is kept)
+  and rejects are recorded per unit, and units are completed in order; a rerun keeps only the unbroken prefix of completed units, so it reaches the
   same result as an uninterrupted run.
 - ``plan.json`` holds a fingerprint of the split's items and options; a rerun with different
   inputs into the same OUT is refused instead of mixing two shard sets.
