@@ -41,9 +41,10 @@ def records(prefix: str, n: int):
 def measure(backend: str, spec: str, weights: str, samples: int) -> tuple[float, int] | str:
     """(share of "big" among the samples yielded, samples counted), or the loader's refusal."""
     try:  # ConfigError is a ValueError too
-        cfg = load_config(None, [f"data.train={spec}", f"data.backend={backend}",
-                                 *([f"data.train_weights={weights}"] if weights else []), "data.batch_size=32", "data.workers=1", "data.shuffle_buffer=256",
-                                 "audio.clip_seconds=1", "audio.max_seconds=1", "audio.length_policy=pad"])
+        mix = [f"data.train_weights={weights}"] if weights else []
+        cfg = load_config(None, [f"data.train={spec}", f"data.backend={backend}", *mix, "data.batch_size=32",
+                                 "data.workers=1", "data.shuffle_buffer=256", "audio.clip_seconds=1",
+                                 "audio.max_seconds=1", "audio.length_policy=pad"])
         sources = parse_spec(spec, weights)
         if backend == "dali":
             from clapscale.data.dali import DaliLoader
@@ -80,7 +81,8 @@ def main() -> None:
         write_shards(records("big", 4 * args.big), root / "big", "train", shard_size=args.big)
         write_shards(records("small", 4 * args.small), root / "small", "train", shard_size=args.small)
         spec = f"{root}/big/train/{{000000..000003}}.tar::{root}/small/train/{{000000..000003}}.tar"
-        print(f"sources: big = 4 shards x {args.big}, small = 4 shards x {args.small}; weights {args.weights or 'unset (equal)'}")
+        print(f"sources: big = 4 shards x {args.big}, small = 4 shards x {args.small}; "
+              f"weights {args.weights or 'unset (equal)'}")
         print(f"{'backend':8} {'configured big':>15} {'per-shard model':>16} {'realised big':>13} "
               f"{'realised small':>15} {'samples':>8} {'3-sigma tol':>12}")
         for backend in ("wds", "dali"):
@@ -90,7 +92,8 @@ def main() -> None:
                 continue
             share, n = got
             tol = 3 * math.sqrt(want * (1 - want) / n)
-            print(f"{backend:8} {want:15.3f} {per_shard:16.3f} {share:13.3f} {1 - share:15.3f} {n:8d} {tol:12.3f}")
+            print(f"{backend:8} {want:15.3f} {per_shard:16.3f} {share:13.3f} {1 - share:15.3f} {n:8d} "
+                  f"{tol:12.3f}")
 
 
 if __name__ == "__main__":

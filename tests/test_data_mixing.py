@@ -18,6 +18,8 @@ from clapscale.shards.writer import write_shards
 from test_data_common import make_cfg, write_raw_shard
 
 BIG, SMALL = 64, 8  # samples per shard of the two sources (the issue's 512 vs 100, scaled down)
+# 50 ms clips padded to 1 s: the audio is irrelevant here, and 10 s rows would only cost time.
+SHORT = ("audio.length_policy=pad", "audio.clip_seconds=1", "audio.max_seconds=1")
 
 
 def tiny_records(prefix: str, n: int) -> list[dict]:
@@ -66,7 +68,7 @@ def test_both_backends_realise_the_weights_per_sample(uneven, weights, big_weigh
     from clapscale.data.wds import WdsLoader
 
     cfg = make_cfg(uneven, f"data.train_weights={weights}", "data.batch_size=16", "data.workers=0",
-                   "data.shuffle_buffer=16", "audio.length_policy=pad", "audio.clip_seconds=1", "audio.max_seconds=1")
+                   "data.shuffle_buffer=16", *SHORT)
     sources = parse_spec(uneven, weights)
     shares = {}
     for name, loader in [
@@ -84,7 +86,7 @@ def test_both_backends_realise_the_weights_per_sample(uneven, weights, big_weigh
 
 def test_realised_shares_are_logged(uneven, caplog):
     cfg = make_cfg(uneven, "data.train_weights=0.5::0.5", "data.batch_size=16", "data.workers=0",
-                   "data.shuffle_buffer=1", "audio.length_policy=pad", "audio.clip_seconds=1", "audio.max_seconds=1")
+                   "data.shuffle_buffer=1", *SHORT)
     loader = build_loader(cfg, cfg.data.train)
     with caplog.at_level("INFO", logger="clapscale.data.wds"):
         list(loader)
@@ -107,7 +109,7 @@ def test_a_source_short_of_its_weight_is_a_warning(tmp_path, caplog):
     write_raw_shard(tmp_path / "poor" / "000000.tar", members)
     spec = f"{tmp_path}/ok/train/000000.tar::{tmp_path}/poor/000000.tar"
     cfg = make_cfg(spec, "data.train_weights=0.5::0.5", "data.batch_size=16", "data.workers=0",
-                   "data.shuffle_buffer=1", "audio.length_policy=pad", "audio.clip_seconds=1", "audio.max_seconds=1")
+                   "data.shuffle_buffer=1", *SHORT)
     loader = build_loader(cfg, cfg.data.train)
     with caplog.at_level("INFO", logger="clapscale.data.wds"):
         for _ in range(3):
@@ -128,7 +130,7 @@ def test_unreadable_source_is_an_error_not_a_hang(tmp_path):
     write_shards(tiny_records("bad", 8), tmp_path / "bad", "train", shard_size=8)
     (tmp_path / "bad/train/000000.tar").write_bytes(b"not a tar" * 100)
     spec = f"{tmp_path}/ok/train/000000.tar::{tmp_path}/bad/train/000000.tar"
-    cfg = make_cfg(spec, "data.batch_size=4", "data.workers=0", "audio.length_policy=pad", "audio.clip_seconds=1", "audio.max_seconds=1")
+    cfg = make_cfg(spec, "data.batch_size=4", "data.workers=0", *SHORT)
     with pytest.raises(ValueError, match="bad/train/000000.tar.*none of its 1 shard"):
         list(WdsLoader(parse_spec(spec), cfg.audio, cfg.data))
 
@@ -140,8 +142,8 @@ def test_dali_reshuffles_shards_every_epoch_like_webdataset(uneven, world_size):
     changes from epoch to epoch (DALI used to repeat one sequence forever)."""
     from clapscale.data.dali import DaliLoader
 
-    cfg = make_cfg(uneven, "data.resampled=false", "data.batch_size=8", "data.workers=1", "data.shuffle_buffer=1",
-                   "audio.length_policy=pad", "audio.clip_seconds=1", "audio.max_seconds=1", "data.seed=3")
+    cfg = make_cfg(uneven, "data.resampled=false", "data.batch_size=8", "data.workers=1",
+                   "data.shuffle_buffer=1", "data.seed=3", *SHORT)
     for rank in range(world_size):
         wds = build_loader(cfg, cfg.data.train, rank=rank, world_size=world_size)
         dali = DaliLoader(parse_spec(cfg.data.train), cfg.audio, cfg.data, rank=rank, world_size=world_size,
@@ -168,7 +170,8 @@ def write_foreign_tags(path: Path) -> dict[str, list[str]]:
     members = []
     for i, (key, (fields, _)) in enumerate(cases.items()):
         flac = encode_flac((0.1 * np.random.default_rng(i).standard_normal(2400)).astype(np.float32))
-        members += [(f"{key}.flac", flac), (f"{key}.json", json.dumps({"text": [f"clip {key}"], **fields}).encode())]
+        meta = json.dumps({"text": [f"clip {key}"], **fields}).encode()
+        members += [(f"{key}.flac", flac), (f"{key}.json", meta)]
     write_raw_shard(path, members)
     return {key: want for key, (_, want) in cases.items()}
 
@@ -179,7 +182,7 @@ def test_tag_fields_as_foreign_shards_write_them(tmp_path, backend):
     ``tags`` is read as ``tag``; a number is its string; non-list values are counted."""
     want = write_foreign_tags(tmp_path / "foreign.tar")
     cfg = make_cfg(str(tmp_path / "foreign.tar"), f"data.backend={backend}", "data.batch_size=8",
-                   "data.workers=1", "data.caption=tag_template", "audio.length_policy=pad", "audio.clip_seconds=1", "audio.max_seconds=1")
+                   "data.workers=1", "data.caption=tag_template", *SHORT)
     loader = build_loader(cfg, cfg.data.train, train=False)
     (batch,) = list(loader)
     got = dict(zip(batch["keys"], batch["tags"]))

@@ -55,8 +55,7 @@ import torch
 
 from clapscale.config import AudioConfig, DataConfig
 from clapscale.data.policies import apply_length_policy, frames_of
-from clapscale.data.shardio import split_member_name
-from clapscale.data.specs import ShardSpecError, Source, all_urls, check_shards_exist, is_remote
+from clapscale.data.specs import Source, all_urls
 from clapscale.data.wds import (
     SkipLog,
     SkipSample,
@@ -67,6 +66,7 @@ from clapscale.data.wds import (
     log_source_shares,
     parse_meta,
     sample_rng,
+    split_member_name,
     text_fields,
 )
 from clapscale.shards.builder import SILENCE_PEAK
@@ -128,16 +128,11 @@ class DaliLoader:
                 f"data.train_weights={data_cfg.train_weights!r}: mixing weights need "
                 "data.resampled=true (epoch mode visits every shard once); set it, or drop the weights"
             )
-        remote = [u for u in all_urls(sources) if is_remote(u)]
-        if remote:
-            # DALI's webdataset reader opens paths itself: no pipe: commands, no URLs.
-            raise ShardSpecError(
-                f"data.backend=dali reads local files only, got {remote[0]!r}; use data.backend=wds for "
-                "remote shards (or copy them to local disk with their .idx files)"
-            )
-        sources = check_shards_exist(sources)
         self.sources = sources
         self.urls = all_urls(sources)
+        for u in self.urls:
+            if "://" in u or u.startswith("pipe:"):
+                raise ValueError(f"data.backend=dali reads local files only, got {u!r}; use data.backend=wds")
         self.audio_cfg = audio_cfg
         self.data_cfg = data_cfg
         self.tokenizer = tokenizer
@@ -182,7 +177,9 @@ class DaliLoader:
                 )
             # Resampled: one reader per source, mixed per sample by the weights. Epoch mode: one
             # reader over every shard (the weights are equal, checked above).
-            streams = sources if data_cfg.resampled else [Source("::".join(s.spec for s in sources), tuple(self.urls), 1.0)]
+            streams = sources
+            if not data_cfg.resampled:
+                streams = [Source("::".join(s.spec for s in sources), tuple(self.urls), 1.0)]
             self._stream_urls = [list(src.urls) for src in streams]
             weights = np.array([src.weight for src in streams], dtype=np.float64)
             self._cum_weights = np.cumsum(weights) / weights.sum()
@@ -377,8 +374,8 @@ class DaliLoader:
         texts = text_fields(meta, self.data_cfg.caption, rng)
         cap = int(round(self.audio_cfg.max_seconds * self.audio_cfg.sample_rate))
         return {
-            "pick": row.get("pick", 0), "key": row["key"], "where": row["where"], "flac": row["flac"], "rng": rng,
-            "long": total == 0 or total > cap, **texts,
+            "pick": row.get("pick", 0), "key": row["key"], "where": row["where"], "flac": row["flac"],
+            "rng": rng, "long": total == 0 or total > cap, **texts,
         }
 
     def _decode(self, rows: list[dict[str, Any]]) -> list[np.ndarray | None]:
@@ -446,9 +443,9 @@ class DaliLoader:
                 continue
             res = apply_length_policy(wave, self.audio_cfg, row["rng"])
             samples.append({
-                "pick": row["pick"], "key": row["key"], "where": row["where"], "waveform": res.waveform, "length": res.length,
-                "is_longer": res.is_longer, "fusion_starts": res.fusion_starts, "text": row["text"],
-                "all_texts": row["all_texts"], "tags": row["tags"],
+                "pick": row["pick"], "key": row["key"], "where": row["where"], "waveform": res.waveform,
+                "length": res.length, "is_longer": res.is_longer, "fusion_starts": res.fusion_starts,
+                "text": row["text"], "all_texts": row["all_texts"], "tags": row["tags"],
             })
         return samples
 
@@ -535,7 +532,8 @@ class DaliLoader:
         checkpoints = resume["readers"] or [None] * n
         skips = resume["skip_rows"] or [0] * n
         self._streams = []
-        for i, ((paths, idx, shard_id, num_shards, _), ckpt, skip) in enumerate(zip(self._plan(self.epoch), checkpoints, skips)):
+        plan = self._plan(self.epoch)
+        for i, ((paths, idx, shard_id, num_shards, _), ckpt, skip) in enumerate(zip(plan, checkpoints, skips)):
             seed = zlib.crc32(f"{self.data_cfg.seed}/{self.epoch}/{self.rank}/{i}".encode())
             build = self._build_reader(paths, idx, shard_id, num_shards, seed, ckpt)
             self._streams.append(_ReaderStream(build, self._raw_rows, int(skip)))
@@ -601,7 +599,9 @@ class DaliLoader:
         self.set_epoch(self.epoch + 1)
 
     def _iter_eval(self) -> Iterator[dict[str, Any]]:
-        reader = self._build_reader(self._paths, self._index_paths, self.rank, self.world_size, self.data_cfg.seed)
+        reader = self._build_reader(
+            self._paths, self._index_paths, self.rank, self.world_size, seed=self.data_cfg.seed
+        )
         remaining = self._shard_samples()
         pending: list[dict[str, Any]] = []
         bsz = self.data_cfg.batch_size
