@@ -55,7 +55,8 @@ import torch
 
 from clapscale.config import AudioConfig, DataConfig
 from clapscale.data.policies import apply_length_policy, frames_of
-from clapscale.data.specs import Source, all_urls
+from clapscale.data.shardio import split_member_name
+from clapscale.data.specs import ShardSpecError, Source, all_urls, check_shards_exist, is_remote
 from clapscale.data.wds import (
     SkipLog,
     SkipSample,
@@ -66,7 +67,6 @@ from clapscale.data.wds import (
     log_source_shares,
     parse_meta,
     sample_rng,
-    split_member_name,
     text_fields,
 )
 from clapscale.shards.builder import SILENCE_PEAK
@@ -128,11 +128,16 @@ class DaliLoader:
                 f"data.train_weights={data_cfg.train_weights!r}: mixing weights need "
                 "data.resampled=true (epoch mode visits every shard once); set it, or drop the weights"
             )
+        remote = [u for u in all_urls(sources) if is_remote(u)]
+        if remote:
+            # DALI's webdataset reader opens paths itself: no pipe: commands, no URLs.
+            raise ShardSpecError(
+                f"data.backend=dali reads local files only, got {remote[0]!r}; use data.backend=wds for "
+                "remote shards (or copy them to local disk with their .idx files)"
+            )
+        sources = check_shards_exist(sources)
         self.sources = sources
         self.urls = all_urls(sources)
-        for u in self.urls:
-            if "://" in u or u.startswith("pipe:"):
-                raise ValueError(f"data.backend=dali reads local files only, got {u!r}; use data.backend=wds")
         self.audio_cfg = audio_cfg
         self.data_cfg = data_cfg
         self.tokenizer = tokenizer

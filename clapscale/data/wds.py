@@ -15,9 +15,15 @@ Shard assignment:
   - training, ``data.resampled: false``: each epoch shuffles the shard list with (seed, epoch), gives
     rank r the shards r::world_size and worker w of that rank every W-th of those. A rank with no shard
     fails at start saying how many are needed. The last partial batch of each worker is dropped.
-  - evaluation (``train=False``): shards in spec order split over workers; samples split over ranks by
-    sample index, so every sample is seen exactly once across ranks and a small eval set never leaves a
-    rank without samples unless it has fewer samples than ranks. No shuffle, no random choice.
+  - evaluation (``train=False``): the spec's samples (spec order, counts from ``shard_sizes``) are
+    cut into one contiguous run per rank (``shardio.eval_plan``): a rank reads only the shards its run
+    covers, a boundary shard only its part of it, so every sample is read exactly once across ranks
+    and eval I/O stays ~1x the data for any world size. A rank's pieces are split over its workers.
+    No shuffle, no random choice.
+
+Epoch-mode resume rebuilds the shuffle buffer at the saved position from the tar headers and seeks
+to the buffered samples and the next one (``shardio.resume_stream``): it reads no byte of the samples
+already consumed, and reports no skip twice. ``WdsLoader.bytes_read`` counts the shard bytes read.
 
 Workers are started afresh on every pass over the loader, from the loader's current epoch and
 position, so the epoch counter reaches them (LAION-CLAP's kept a stale copy in persistent workers).
@@ -31,7 +37,6 @@ import io
 import json
 import logging
 import random
-import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -45,7 +50,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clapscale.config import AudioConfig, DataConfig
 from clapscale.data.captions import EmptyCaptionError, choose_caption, clean_captions, normalise_tags
 from clapscale.data.policies import apply_length_policy
-from clapscale.data.specs import Source, all_urls, shard_sizes
+from clapscale.data.shardio import ByteCounter, ShuffleBuffer, eval_plan, iter_tar_samples, resume_stream
+from clapscale.data.specs import Source, all_urls, check_shards_exist, shard_sizes
 from clapscale.shards.builder import SILENCE_PEAK
 
 log = logging.getLogger(__name__)
@@ -93,54 +99,8 @@ class SkipLog:
 
 
 # ----------------------------------------------------------------------------------------------
-# Tar reading and per-sample decoding
+# Per-sample decoding (tar reading: clapscale.data.shardio)
 # ----------------------------------------------------------------------------------------------
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """``"dir/abc.flac"`` -> (``"dir/abc"``, ``"flac"``); the extension starts at the basename's first dot."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1 :].lower()
-
-
-def iter_tar_samples(url: str, on_skip: Callable[[str, str, str], None]) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard in file order: ``{"__key__", "__url__", ext: bytes, ...}``.
-
-    A shard that cannot be opened or ends mid-member is reported through ``on_skip`` (reason,
-    where, detail) and ends the shard; complete samples before the cut are still yielded.
-    """
-    # webdataset's opener handles local paths and pipe: / http URLs.
-    from webdataset.gopen import gopen
-
-    try:
-        stream = gopen(url, "rb")
-    except Exception as e:  # noqa: BLE001 - any failure to open is the same skip for the caller
-        on_skip("unreadable_shard", url, repr(e))
-        return
-    current: dict[str, Any] | None = None
-    try:
-        with stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_member_name(member.name)
-                if current is not None and current["__path__"] != key:
-                    yield current  # complete: the next sample's first header was read
-                    current = None
-                data = tar.extractfile(member).read()  # type: ignore[union-attr]
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} cut at {len(data)} of {member.size} bytes")
-                if current is None:
-                    current = {"__key__": key.rsplit("/", 1)[-1], "__path__": key, "__url__": url}
-                current[ext] = data
-    except (tarfile.TarError, EOFError, OSError) as e:
-        on_skip("truncated_tar", url, repr(e))
-        return
-    if current is not None:
-        yield current
 
 
 def decode_audio(data: bytes, audio_cfg: AudioConfig) -> np.ndarray:
@@ -269,24 +229,6 @@ def epoch_shard_order(urls: list[str], seed: int, epoch: int) -> list[str]:
     return order
 
 
-def shuffle_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
-    """Stream shuffle: keep ``size`` items, emit a random one as each new item arrives
-    (``size`` <= 1: no shuffle)."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list[Any] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        i = rng.randrange(len(buf))
-        buf[i], item = item, buf[i]
-        yield item
-    rng.shuffle(buf)
-    yield from buf
-
-
 # ----------------------------------------------------------------------------------------------
 # The per-worker stream
 # ----------------------------------------------------------------------------------------------
@@ -297,8 +239,8 @@ class ShardStream(IterableDataset):
 
     Each batch carries private keys the ``WdsLoader`` strips: ``_worker`` (id), ``_consumed`` (raw
     samples this worker has taken from its shuffled stream this epoch, bad ones included),
-    ``_skipped`` and ``_warned`` (reason -> count since the previous batch) and ``_sources`` (samples
-    of the batch per source index).
+    ``_skipped`` and ``_warned`` (reason -> count since the previous batch), ``_sources`` (samples
+    of the batch per source index) and ``_bytes`` (shard bytes read since the previous batch).
     """
 
     def __init__(
@@ -314,6 +256,7 @@ class ShardStream(IterableDataset):
         epoch: int = 0,
         resume: list[int] | None = None,
         rotation: int = 0,
+        eval_pieces: list[tuple[str, int, int | None]] | None = None,
     ):
         self.sources = sources
         self.audio_cfg = audio_cfg
@@ -325,15 +268,15 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
         self.resume = list(resume) if resume else [0] * self.num_workers
         self.rotation = rotation
+        self.eval_pieces = eval_pieces or []  # this rank's (url, start, stop), see shardio.eval_plan
+        self.bytes = ByteCounter()
 
     def _raw_stream(self, worker: int, on_skip: Callable[[str, str, str], None]) -> Iterator[dict]:
         cfg = self.data_cfg
         if not self.train:
-            urls = all_urls(self.sources)
-            for j in range(worker, len(urls), self.num_workers):
-                for i, raw in enumerate(iter_tar_samples(urls[j], on_skip)):
-                    if (i + j) % self.world_size == self.rank:
-                        yield raw
+            # Only this rank's run of samples is read: eval I/O stays ~1x the data for any world size.
+            for url, start, stop in self.eval_pieces[worker :: self.num_workers]:
+                yield from iter_tar_samples(url, on_skip, counter=self.bytes, start=start, stop=stop)
             return
         seed = f"{cfg.seed}/{self.epoch}/{self.rank}/{worker}"
         if cfg.resampled:
@@ -341,12 +284,13 @@ class ShardStream(IterableDataset):
             seed += f"/{self.resume[worker]}"
         rng = random.Random(seed)
         if cfg.resampled:
-            raw = self._resampled(rng, on_skip)
+            yield from ShuffleBuffer(cfg.shuffle_buffer, rng).run(self._resampled(rng, on_skip))
         else:
             urls = epoch_shard_order(all_urls(self.sources), cfg.seed, self.epoch)
             mine = urls[self.rank :: self.world_size][worker :: self.num_workers]
-            raw = (s for u in mine for s in iter_tar_samples(u, on_skip))
-        yield from shuffle_buffer(raw, cfg.shuffle_buffer, rng)
+            # A saved position is rebuilt from the tar headers and continued by seeking, not by
+            # replaying the epoch's bytes (see shardio.resume_stream).
+            yield from resume_stream(mine, cfg.shuffle_buffer, rng, self.resume[worker], on_skip, self.bytes)
 
     def _resampled(self, rng: random.Random, on_skip: Callable[[str, str, str], None]) -> Iterator[dict]:
         """Endless raw samples, the source of each drawn by the mixing weights.
@@ -367,7 +311,7 @@ class ShardStream(IterableDataset):
                 fresh = open_shards[i] is None
                 if fresh:
                     url = rng.choice(src.urls)
-                    open_shards[i] = iter_tar_samples(url, on_skip)
+                    open_shards[i] = iter_tar_samples(url, on_skip, counter=self.bytes)
                 raw = next(open_shards[i], None)  # type: ignore[arg-type]
                 if raw is not None:
                     break
@@ -401,11 +345,9 @@ class ShardStream(IterableDataset):
             warned[reason] += 1
             warnlog.record(reason, where, detail)
 
-        # Resampled streams are re-seeded from the position instead of replayed (see _raw_stream).
-        to_skip = 0 if (self.data_cfg.resampled and self.train) else self.resume[worker]
+        # The raw stream starts at the saved position (resampled: re-seeded from it; epoch mode:
+        # rebuilt by seeking), so nothing is skipped here.
         consumed = self.resume[worker]
-        if to_skip:
-            consumed = 0
         # Source index of each shard, to count the realised mixing (a URL listed by two sources
         # counts for the first).
         source_of: dict[str, int] = {}
@@ -416,9 +358,6 @@ class ShardStream(IterableDataset):
         batch_sources: list[int] = []
         for raw in self._raw_stream(worker, on_skip):
             consumed += 1
-            if to_skip:
-                to_skip -= 1
-                continue
             where = f"{raw['__url__']}:{raw['__key__']}"
             try:
                 batch.append(decode_sample(raw, self.audio_cfg, self.data_cfg, self.epoch, self.train, on_warn))
@@ -435,12 +374,12 @@ class ShardStream(IterableDataset):
             # No batch left to carry the last counts: send them alone so none is lost.
             yield self._emit({}, worker, consumed, delta, warned, [])
 
-    @staticmethod
     def _emit(
+        self,
         out: dict[str, Any], worker: int, consumed: int, skipped: Counter, warned: Counter, sources: list[int]
     ) -> dict[str, Any]:
         out |= {"_worker": worker, "_consumed": consumed, "_skipped": dict(skipped), "_warned": dict(warned),
-                "_sources": dict(Counter(sources))}
+                "_sources": dict(Counter(sources)), "_bytes": self.bytes.take()}
         skipped.clear()
         warned.clear()
         return out
@@ -504,6 +443,7 @@ class WdsLoader:
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        sources = check_shards_exist(sources)
         self.sources = sources
         self.audio_cfg = audio_cfg
         self.data_cfg = data_cfg
@@ -512,6 +452,7 @@ class WdsLoader:
         self.world_size = world_size
         self.train = train
         urls = all_urls(sources)
+        self.eval_pieces: list[tuple[str, int, int | None]] = []
         if train and not data_cfg.resampled:
             if len(urls) < world_size:
                 raise ValueError(
@@ -528,13 +469,16 @@ class WdsLoader:
             per_rank = len(urls[rank::world_size])
             self.num_workers = min(data_cfg.workers, per_rank)
         elif not train:
-            self.num_workers = min(data_cfg.workers, len(urls))
+            self._eval_sizes = shard_sizes(urls)
+            self.eval_pieces = eval_plan(urls, self._eval_sizes, rank, world_size)
+            self.num_workers = min(data_cfg.workers, len(self.eval_pieces))
         else:
             self.num_workers = data_cfg.workers
         self.epoch = 0
         self.batches = 0  # batches yielded in the current epoch
         self.consumed = [0] * max(self.num_workers, 1)
         self.skipped: dict[str, int] = {}
+        self.bytes_read = 0  # shard bytes this process's loader has read (all passes)
         self.warned: dict[str, int] = {}  # reason (WARN_REASONS) -> samples read with a coerced field
         self.source_counts = [0] * len(sources)  # training samples emitted per source, this run
         self._nominal_batches: int | None = None
@@ -549,11 +493,14 @@ class WdsLoader:
                 )
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (exact in training, an upper bound in evaluation)."""
+        """Batches per epoch on this rank (exact in training; in evaluation exact when ``shard_sizes``
+        is and no sample is bad)."""
         if self.train:
             return self._epoch_limit(self.epoch)
-        per_rank = sum(shard_sizes(all_urls(self.sources)).values()) / self.world_size
-        return int(-(-per_rank // self.data_cfg.batch_size))
+        workers = max(self.num_workers, 1)
+        bsz = self.data_cfg.batch_size
+        counts = [(self._eval_sizes[u] if stop is None else stop) - start for u, start, stop in self.eval_pieces]
+        return sum(-(-sum(counts[w::workers]) // bsz) for w in range(workers))
 
     def _epoch_limit(self, epoch: int) -> int:
         """Training batches per rank this epoch, the same on every rank (a rank that stops early
@@ -647,6 +594,7 @@ class WdsLoader:
             epoch=self.epoch,
             resume=resume,
             rotation=batches % max(self.num_workers, 1),
+            eval_pieces=self.eval_pieces,
         )
         return DataLoader(
             stream,
@@ -660,6 +608,7 @@ class WdsLoader:
         for batch in loader:
             worker = batch.pop("_worker")
             consumed = batch.pop("_consumed")
+            self.bytes_read += batch.pop("_bytes")
             if track:
                 self.consumed[worker] = consumed
             for reason, n in batch.pop("_skipped").items():
