@@ -5,16 +5,17 @@ Three small DALI pipelines with Python glue between them, because a DALI pipelin
 corrupt FLAC dies as a whole ("Current pipeline object is no longer valid"), and because the length
 policies must be exactly those of the webdataset loader:
 
-1. reader: ``readers.webdataset`` over the ``.idx`` indexes, shuffled with ``initial_fill =
-   data.shuffle_buffer`` in training. Outputs raw FLAC bytes, JSON bytes and each sample's source
-   (``tar:offset:member``, for the key). Training reads a fresh permutation of the shards every
-   epoch (``wds.epoch_shard_order``, the webdataset backend's, so one seed gives both backends the
-   same order); rank r takes shards r::world_size of it (as webdataset's epoch mode does), or, when a
-   source has fewer shards than ranks, a sample range of it (DALI's ``shard_id`` / ``num_shards``).
-   With ``data.resampled: true`` each source has its own reader and the source of every sample is
-   drawn by the mixing weights (a counter-based generator of (seed, epoch, rank, pick)), so each
-   source's share of samples is its weight whatever its size and shard sizes, as in the webdataset
-   backend; with ``data.resampled: false`` one reader reads this rank's shards of the epoch once.
+1. reader: ``readers.webdataset`` over the ``.idx`` indexes. Outputs raw FLAC bytes, JSON bytes and
+   each sample's source (``tar:offset:member``, for the key). Training reads a fresh permutation of
+   the shards every epoch (``wds.epoch_shard_order``, the webdataset backend's, so one seed gives
+   both backends the same order); rank r takes shards r::world_size of it (as webdataset's epoch
+   mode does), or, when a source has fewer shards than ranks, a sample range of it (DALI's
+   ``shard_id`` / ``num_shards``). With ``data.resampled: true`` each source has its own reader and
+   the source of every sample is drawn by the mixing weights (a counter-based generator of (seed,
+   epoch, rank, pick)), so each source's share of samples is its weight whatever its size and shard
+   sizes, as in the webdataset backend; with ``data.resampled: false`` one reader reads this rank's
+   shards of the epoch once. Each reader shuffles with an ``initial_fill`` of
+   ``data.shuffle_buffer`` / readers: together they hold as many samples as webdataset's one buffer.
 2. glue: JSON, captions and the FLAC header (magic, STREAMINFO, sample rate, length) are checked in
    Python; bad samples are skipped and counted (``clapscale.data.wds.SKIP_REASONS``).
 3. decoder: ``decoders.audio`` (CPU, ``data.workers`` threads) on the good FLACs. If it still fails
@@ -273,8 +274,9 @@ class DaliLoader:
 
     def _build_reader(
         self, paths: list[str], index_paths: list[str], shard_id: int, num_shards: int,
-        seed: int, checkpoint: str | None = None,
+        seed: int, checkpoint: str | None = None, fill: int = 1,
     ):
+        """A reader pipeline over ``paths`` (``fill``: its shuffle buffer in samples, training only)."""
         from nvidia.dali import fn, pipeline_def
 
         train = self.train
@@ -288,7 +290,7 @@ class DaliLoader:
             flac, meta = fn.readers.webdataset(
                 paths=paths, index_paths=index_paths, ext=["flac", "json"], missing_component_behavior="empty",
                 shard_id=shard_id, num_shards=num_shards, random_shuffle=train,
-                initial_fill=max(cfg.shuffle_buffer, 1) if train else 1, pad_last_batch=not train,
+                initial_fill=max(fill, 1) if train else 1, pad_last_batch=not train,
                 stick_to_shard=not train, name="reader",
             )
             return flac, meta, fn.get_property(flac, key="source_info")
@@ -540,7 +542,10 @@ class DaliLoader:
         plan = self._plan(self.epoch)
         for i, ((paths, idx, shard_id, num_shards, _), ckpt, skip) in enumerate(zip(plan, checkpoints, skips)):
             seed = zlib.crc32(f"{self.data_cfg.seed}/{self.epoch}/{self.rank}/{i}".encode())
-            build = self._build_reader(paths, idx, shard_id, num_shards, seed, ckpt)
+            # The readers share data.shuffle_buffer: one raw FLAC per slot, so S sources at the full
+            # size each would hold S times the memory of the webdataset backend's one buffer.
+            fill = self.data_cfg.shuffle_buffer // len(plan)
+            build = self._build_reader(paths, idx, shard_id, num_shards, seed, ckpt, fill)
             self._streams.append(_ReaderStream(build, self._raw_rows, int(skip)))
         self._picks = int(resume["picks"])
         self._pick_block = -1
