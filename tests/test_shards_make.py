@@ -305,6 +305,16 @@ def _classes_per_shard(out, split="train"):
     return found
 
 
+def _class_sequence(out, split="train"):
+    """The class of every sample in storage order: shards in name order, members in tar order."""
+    seq = []
+    for tar_path in sorted((out / split).glob("*.tar")):
+        with tarfile.open(tar_path) as tf:
+            seq += [json.loads(tf.extractfile(m).read())["original"].split("/")[0]
+                    for m in tf.getmembers() if m.name.endswith(".json")]
+    return seq
+
+
 def _manifest_split(out, split="train"):
     return json.loads((out / "manifest.json").read_text())["splits"][split]
 
@@ -320,6 +330,10 @@ def test_folder_per_class_tree_becomes_mixed_shards(class_tree, tmp_path):
     assert all(len(classes) >= 2 for _, classes in shards), shards
     assert all(sum(c in classes for _, classes in shards) >= 2 for c in CLASSES), shards
     assert _manifest_split(out)["shuffle_seed"] == 0
+    # Inside a shard too (members are stored in key order, keys follow the shuffled order): a loader
+    # buffer smaller than a shard must not read runs of one class. Sorted, 24 clips change class 3 times.
+    seq = _class_sequence(out)
+    assert sum(a != b for a, b in zip(seq, seq[1:])) >= 14, seq
 
     # --no-shuffle keeps the source order (what make_shards did before): one class per shard.
     kept = tmp_path / "sorted"

@@ -2,8 +2,8 @@
 
 Resumability by construction:
 - The items of a split are put in a seeded random order (``--shuffle-seed``, recorded in the manifest)
-  and cut into fixed *units* of ``shard_size`` items. The order depends only on the seed and the item
-  keys, so a rerun cuts the same units and rebuilds exactly the ones that are missing.
+  and cut into fixed *units* of ``shard_size`` items. The order depends only on the seed and the
+  items, so a rerun cuts the same units and rebuilds exactly the ones that are missing.
 - Shards are numbered densely: a unit whose items were all rejected writes no shard and takes no
   number, so a brace spec ``{000000..NNNNNN}`` over the manifest's shards has no hole. A unit's
   number is the count of shards written by the units before it, known from their done-records.
@@ -19,8 +19,11 @@ Resumability by construction:
 
 Why shuffle: sources list files in path order, and a folder-per-class tree (or a manifest grouped by
 class) would become class-clustered shards; a loader's shuffle buffer only mixes neighbouring shards,
-so batches would hold a few classes each. The synthetic corpus is exempt: its clips are independent
-draws in index order already, and keeping that order keeps the demo's shards unchanged.
+so batches would hold a few classes each. Keys are re-assigned in the shuffled order, so the members
+of a shard (stored in key order) are shuffled too: a buffer smaller than a shard (DALI divides its
+buffer among its readers) then still draws from every class in the shard. The synthetic corpus is
+exempt: its clips are independent draws in index order already, and keeping that order keeps the
+demo's shards unchanged.
 
 A decoder that hangs (a FIFO, a stalled network mount, a codec stuck in a loop) is stopped after
 ``--clip-timeout`` seconds and the clip is rejected with code ``timeout``; the run goes on.
@@ -43,7 +46,7 @@ import sys
 import tarfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -52,7 +55,7 @@ import soundfile as sf
 
 from clapscale.shards import synthetic
 from clapscale.shards.audio_io import SAMPLE_RATE, AudioDecodeError, load_audio
-from clapscale.shards.sources import Item
+from clapscale.shards.sources import Item, assign_keys
 from clapscale.shards.writer import (
     EncodedSample, ShardInfo, encode_record, shard_name, update_manifest, write_json, write_shard,
 )
@@ -278,14 +281,20 @@ def split_shuffle_seed(items: list[Item], opts: BuildOptions) -> int | None:
 
 
 def shuffled(items: list[Item], seed: int | None) -> list[Item]:
-    """``items`` in build order: sorted by sha256 of (seed, key), or unchanged for ``seed=None``.
+    """``items`` (one split) in build order; ``seed=None``: unchanged.
 
-    A hash of the key rather than a seeded shuffle: the order can never change with a Python or NumPy
+    Otherwise copies, sorted by sha256 of (seed, original) (ties keep the source order) and with keys
+    re-assigned in that order, so that a shard's members, which are stored in key order, are shuffled
+    as well. A hash rather than a seeded shuffle: the order can never change with a Python or NumPy
     version, so a resumed run always cuts the same units as the run it finishes.
     """
     if seed is None:
         return list(items)
-    return sorted(items, key=lambda it: hashlib.sha256(f"{seed}/{it.key}".encode("utf-8", "surrogateescape")).digest())
+    order = sorted(items, key=lambda it: hashlib.sha256(
+        f"{seed}/{it.original}".encode("utf-8", "surrogateescape")).digest())
+    out = [replace(it) for it in order]
+    assign_keys(out)
+    return out
 
 
 def _clean_stale_temps(split_dir: Path) -> None:
@@ -444,9 +453,10 @@ def _build_locked(items: list[Item], opts: BuildOptions, out: Path, tqdm) -> Bui
     skipped = 0
     for split, split_items in by_split.items():
         seed = split_shuffle_seed(split_items, opts)
+        split_items = shuffled(split_items, seed)
         state = _prepare_split(out, split, split_items, opts, seed)
         base = len(flat)
-        flat += shuffled(split_items, seed)
+        flat += split_items
         kept = set()
         for u, idx in enumerate(_units(split_items, opts.shard_size)):
             done = state / f"{u:06d}.done.json"
@@ -540,8 +550,8 @@ def finalize(out: Path, splits: list[str] | None = None) -> BuildSummary:
             truncated += d.get("truncated", 0)
         plan_path = state_root / split / "plan.json"
         seed = json.loads(plan_path.read_text()).get("shuffle_seed") if plan_path.exists() else None
-        # Keys follow the source order, so sorting by key lists rejects as the source lists the files.
-        rejects.sort(key=lambda r: r["key"])
+        # By path, not in the shuffled build order, so that a user reads them as the source lists them.
+        rejects.sort(key=lambda r: (r["path"], r["key"]))
         update_manifest(out, split, infos, extra={"rejected": len(rejects), "truncated": truncated,
                                                   "shuffle_seed": seed})
         all_rejects += rejects
