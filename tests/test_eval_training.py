@@ -30,17 +30,25 @@ from clapscale.shards.writer import write_shards
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train(tmp_path, launcher: list[str], extra: list[str]) -> Path:
+def _env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu",
+                TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), OMP_NUM_THREADS="1")
+
+
+def _train(tmp_path, launcher: list[str], extra: list[str], module: str = "clapscale.cli",
+           with_output: bool = False):
+    """Train through ``python -m <module>`` (``clapscale.cli`` takes the ``train`` subcommand);
+    returns the run directory (and the run's stdout with ``with_output``)."""
     from test_inference import _tiny_text_dir
 
     if not (tmp_path / "shards").exists():
         write_shards(generate("train", 16, seed=3), tmp_path / "shards", "train", shard_size=8)
         write_shards(generate("valid", 5, seed=3), tmp_path / "shards", "valid", shard_size=5)
     text = tmp_path / "text" if (tmp_path / "text").exists() else _tiny_text_dir(tmp_path / "text")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu",
-               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), OMP_NUM_THREADS="1")
+    env = _env()
+    subcommand = ["train"] if module == "clapscale.cli" else []
     cmd = [
-        *launcher, "-m", "clapscale.cli", "train", str(REPO / "configs" / "tiny.yaml"),
+        *launcher, "-m", module, *subcommand, str(REPO / "configs" / "tiny.yaml"),
         f"data.train={tmp_path}/shards/train/{{000000..000001}}.tar",
         f"data.val={tmp_path}/shards/valid/000000.tar",
         f"model.text.path={text}", "model.text.pretrained=false", "model.embed_dim=64",
@@ -56,7 +64,8 @@ def _train(tmp_path, launcher: list[str], extra: list[str]) -> Path:
         out, err = proc.communicate()
         pytest.fail(f"training did not finish in 240 s (a hang?):\n{out[-2000:]}\n{err[-4000:]}")
     assert proc.returncode == 0, out[-2000:] + err[-4000:]
-    return tmp_path / "runs" / [x for x in extra if x.startswith("train.name=")][0].split("=")[1]
+    run = tmp_path / "runs" / [x for x in extra if x.startswith("train.name=")][0].split("=")[1]
+    return (run, out) if with_output else run
 
 
 @pytest.mark.slow
@@ -77,6 +86,38 @@ def test_trainer_eval_and_checkpoint_loading(tmp_path):
         assert torch.equal(v, exported[k]), k
     assert ckpt_cfg.model.embed_dim == 64
     assert load(run, device="cpu").source == str(run)
+
+
+@pytest.mark.slow
+def test_caption_only_val_set_trains_evaluates_and_exports(tmp_path):
+    # data.val without any `tag` (Clotho, AudioCaps, most LAION sources): the trainer's own
+    # evaluation at the end of the run (train.eval_every=0) reports retrieval and skips zero-shot
+    # instead of dying between the final checkpoint and the export.
+    records = [dict(r, tag=[]) for r in generate("valid", 5, seed=3)]
+    write_shards(records, tmp_path / "caption_only", "valid", shard_size=5)
+    captions = f"{tmp_path}/caption_only/valid/000000.tar"
+    run, out = _train(tmp_path, [sys.executable], ["train.name=c", "data.batch_size=4", "eval.batch_size=4",
+                                                   "train.eval_every=0", f"data.val={captions}"],
+                      module="clapscale.train.cli", with_output=True)
+    assert (run / "model" / "model.safetensors").is_file()
+    evals = [r["eval"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval" in r]
+    assert len(evals) == 1
+    assert "retrieval/t2a/R@1" in evals[0] and not any(k.startswith("zeroshot/") for k in evals[0])
+    # The figures are on the console too, where the loss is printed.
+    assert f"eval retrieval step 2: t2a/R@1 {evals[0]['retrieval/t2a/R@1']:.4g}" in out
+
+    # `clapscale eval` with its default tasks prints the retrieval it computed and exits 0.
+    proc = subprocess.run([sys.executable, "-m", "clapscale.cli", "eval", "--checkpoint", str(run / "model"),
+                           "--shards", captions, "--device", "cpu", "--batch-size", "4"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert f"retrieval on {captions}" in proc.stdout and "text->audio R@1" in proc.stdout
+    assert "skipped zeroshot" in proc.stdout
+    # Asked for explicitly, zero-shot without labels is still an error.
+    proc = subprocess.run([sys.executable, "-m", "clapscale.cli", "eval", "--checkpoint", str(run / "model"),
+                           "--shards", captions, "--device", "cpu", "--task", "zeroshot"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2 and "needs labels" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -98,8 +98,9 @@ def eval_main(argv: list[str]) -> int:
     )
     p.add_argument("--checkpoint", required=True, help="exported model dir, trainer checkpoint dir or run dir")
     p.add_argument("--shards", help="shard spec to evaluate (default: the checkpoint config's data.val)")
-    p.add_argument("--task", default="retrieval,zeroshot",
-                   help="comma-separated: retrieval, zeroshot, linear_probe (default: retrieval,zeroshot)")
+    p.add_argument("--task",
+                   help="comma-separated: retrieval, zeroshot, linear_probe (default: retrieval,zeroshot, "
+                   "zeroshot left out when the shards carry no tags and no --labels are given)")
     p.add_argument("--labels", help="zero-shot labels: a,b,c or @file (default: every tag in the shards)")
     p.add_argument("--template", action="append",
                    help="zero-shot prompt with {label}; repeat to ensemble (default: 'This is a sound of {label}.')")
@@ -119,7 +120,7 @@ def eval_main(argv: list[str]) -> int:
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
-        tasks = _split_labels(args.task)
+        tasks = _split_labels(args.task or "retrieval,zeroshot")
         labels = _read_labels(args.labels)
         if labels is not None and not labels:
             raise ValueError("--labels is empty: give at least one label, e.g. --labels dog,rain")
@@ -158,6 +159,8 @@ def eval_main(argv: list[str]) -> int:
         results = evaluate_tasks(
             model.to(device), cfg, rank=rank, world_size=world_size, device=device,
             tasks=tasks, specs=specs, labels=labels,
+            # Default tasks on a caption-only set (Clotho, AudioCaps): report the retrieval it has.
+            skip_unlabelled=args.task is None,
         )
     except (ValueError, FileNotFoundError, RankFailedError) as e:
         return _fail("eval", e)
@@ -168,6 +171,9 @@ def eval_main(argv: list[str]) -> int:
             dist.destroy_process_group()
     if rank == 0:
         print(format_results(results, args.checkpoint))
+        skipped = [t for t in tasks if t not in {r.task for r in results}]
+        if skipped:
+            print(f"skipped {', '.join(skipped)}: the shards carry no tags; pass --labels to score them")
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ Both live in ``runs/<name>/``: ``tensorboard --logdir runs/`` shows every run. T
 holds one line per optimizer step with full-precision values (what tests and scripts read);
 TensorBoard gets the same scalars (loss, lr, logit_scale = 1/temperature, grad_norm,
 samples_per_s, data_wait_fraction, skipped_samples, nonfinite_skipped) every ``train.log_every``
-steps, eval metrics under ``eval/``, and the resolved config as text at start-up.
+steps, eval metrics under ``eval/``, and the resolved config as text at start-up. The console
+(rank 0's stdout) gets the same step records at ``train.log_every`` and every evaluation's figures.
 """
 
 from __future__ import annotations
@@ -46,12 +47,19 @@ class RunLogger:
             print(f"step {step} {shown}", flush=True)
 
     def scalars(self, prefix: str, step: int, values: dict[str, float]) -> None:
-        """E.g. eval metrics: ``scalars("eval", 100, {"retrieval/t2a/R@1": 3.1})``."""
+        """E.g. eval metrics: ``scalars("eval", 100, {"retrieval/t2a/R@1": 3.1})``; also printed,
+        on the console where the loss is, one line per group (``eval retrieval step 100: t2a/R@1 3.1 ...``)."""
         if not self.enabled:
             return
         for key, value in values.items():
             self._tb.add_scalar(f"{prefix}/{key}", value, step)
         self._jsonl.write(json.dumps({"step": step, prefix: values}) + "\n")
+        groups: dict[str, list[str]] = {}
+        for key, value in values.items():
+            group, _, name = key.partition("/")
+            groups.setdefault(group, []).append(f"{name or group} {value:.4g}")
+        for group, shown in groups.items():
+            print(f"{prefix} {group} step {step}: {' '.join(shown)}", flush=True)
 
     def event(self, step: int, what: str, **info: Any) -> None:
         """A non-scalar event (checkpoint saved, non-finite loss, stop) into the JSONL."""

@@ -436,7 +436,9 @@ class Trainer:
         """Collective: every rank embeds its share (safe under ZeRO-3); rank 0 logs the metrics.
 
         Runs the ``eval.tasks`` that have shards (``eval.<task>`` or ``data.val``); returns {}
-        when none has, rather than failing a long run at its end.
+        when none has, rather than failing a long run at its end. For the same reason a zero-shot
+        task whose split has no tags (a caption-only set: Clotho, AudioCaps, most LAION sources)
+        is skipped with a warning, as ``runner.evaluate`` does.
         """
         from clapscale.eval.runner import evaluate_tasks, flatten, task_spec
 
@@ -447,7 +449,7 @@ class Trainer:
             return {}
         metrics = flatten(evaluate_tasks(
             self.engine.module, self.cfg, rank=self.denv.rank, world_size=self.denv.world_size,
-            device=self.device, tasks=tasks, tokenizer=self.tokenizer,
+            device=self.device, tasks=tasks, tokenizer=self.tokenizer, skip_unlabelled=True,
         ))
         self.engine.train()
         self.log.scalars("eval", self.step, metrics)
