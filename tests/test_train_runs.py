@@ -106,6 +106,7 @@ def test_zero3_bf16_accumulation_resume_is_exact(shards, tmp_path):
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), (step, want, got)
     assert any(r.get("event") == "resumed" for r in _records(split / "tiny"))
+    assert not any(r.get("event") == "lr_schedule_changed" for r in _records(split / "tiny"))
 
     ckpts = sorted(p.name for p in (straight / "tiny" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000004"]  # keep_last=2

@@ -97,8 +97,7 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.d
         weight_decay=cfg.optim.weight_decay,
         fused=device.type == "cuda",
     )
-    schedule = WarmupCosine(cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine_of(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -113,6 +112,38 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.d
         if buf.is_floating_point() and buf.dtype != dtype:
             buf.data = buf.data.to(dtype)
     return engine
+
+
+def warmup_cosine_of(cfg: Config) -> WarmupCosine:
+    """The LR multiplier ``cfg`` asks for (``optim.lr``, ``optim.warmup_steps``, ``train.steps``, ``optim.min_lr``)."""
+    return WarmupCosine(cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr)
+
+
+def follow_configured_schedule(engine, cfg: Config) -> dict[str, Any] | None:
+    """Make the engine's LR schedule ``cfg``'s from the step it has reached; returns the previous
+    schedule's parameters when they differed (else None).
+
+    A checkpoint restores the ``LambdaLR`` state *including* the multiplier's fields and the base
+    rates, so without this a resumed run configured for more steps or another ``optim.lr`` would
+    silently keep the old schedule (and sit at ``min_lr`` for every extra step). Extending a run
+    is a normal need: the configured schedule wins, evaluated at the restored step count (optimizer
+    steps actually taken), and the caller logs the change.
+    """
+    scheduler = engine.lr_scheduler
+    wanted = warmup_cosine_of(cfg)
+    current = scheduler.lr_lambdas[0]
+    previous = dict(vars(current))
+    previous["base_lr"] = float(scheduler.base_lrs[0])
+    for fn in scheduler.lr_lambdas:  # LambdaLR holds one multiplier per group (the same object here)
+        vars(fn).update(vars(wanted))
+    scheduler.base_lrs = [cfg.optim.lr] * len(scheduler.base_lrs)
+    # The rate of the next optimizer step, computed as LambdaLR.get_lr does (bit for bit).
+    rates = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+        group["initial_lr"] = cfg.optim.lr
+    scheduler._last_lr = rates
+    return previous if previous != vars(wanted) else None
 
 
 def _lift_scalar_parameters(model: nn.Module) -> None:

@@ -66,6 +66,12 @@ class RunLogger:
         if self.enabled:
             self._jsonl.write(json.dumps({"step": step, "event": what, **info}) + "\n")
 
+    def notice(self, step: int, what: str, text: str, **info: Any) -> None:
+        """An event the user must see: into the JSONL like ``event``, and ``text`` on the console."""
+        if self.enabled:
+            self.event(step, what, **info)
+            print(f"step {step}: {text}", flush=True)
+
     def close(self) -> None:
         if self.enabled:
             self._tb.flush()

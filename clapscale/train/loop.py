@@ -46,7 +46,9 @@ from clapscale.config import Config, ConfigError
 from clapscale.losses import SoftLabelClipLoss, build_loss
 from clapscale.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from clapscale.train.distributed import DistEnv, device_for, discover, init_process_group
-from clapscale.train.engine import build_engine, compute_dtype, full_fp32_state_dict
+from clapscale.train.engine import (
+    build_engine, compute_dtype, follow_configured_schedule, full_fp32_state_dict, warmup_cosine_of,
+)
 from clapscale.train.logging import RunLogger
 
 
@@ -194,6 +196,15 @@ class Trainer:
         self.loader.load_state_dict(state["data"])
         restore_rng(state["rng"])
         self.log.event(self.step, "resumed", path=str(path))
+        previous = follow_configured_schedule(self.engine, self.cfg)
+        if previous is not None:
+            now = vars(warmup_cosine_of(self.cfg))
+            self.log.notice(
+                self.step, "lr_schedule_changed",
+                f"the LR schedule differs from the checkpoint's; following the configured one from here: "
+                f"{_describe_schedule(now)} (checkpoint: {_describe_schedule(previous)})",
+                previous=previous, now=now,
+            )
 
     # ------------------------------------------------------------------------------ one step
 
@@ -498,6 +509,11 @@ def check_teacher(cfg: Config, teacher_cfg: Config) -> None:
             f"student's mel batch and token ids): {'; '.join(diffs)}. Use a teacher trained with the same "
             "audio front end and text tokenizer, or leave loss.teacher empty"
         )
+
+
+def _describe_schedule(schedule: dict[str, Any]) -> str:
+    return (f"lr {schedule['base_lr']:g} over {schedule['total_steps']} steps, warmup {schedule['warmup_steps']}, "
+            f"min_lr {schedule['min_lr']:g}")
 
 
 def _seed_everything(seed: int) -> None:
