@@ -25,17 +25,12 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, BinaryIO
 
 from clapscale.data.specs import is_remote
+from clapscale.shards.index import split_member_name  # the shard writer's and indexer's rule
+
+__all__ = ["ByteCounter", "ShuffleBuffer", "count_samples", "eval_plan", "iter_tar_samples", "resume_stream",
+           "split_member_name"]
 
 OnSkip = Callable[[str, str, str], None]
-
-
-def split_member_name(name: str) -> tuple[str, str]:
-    """``"dir/abc.flac"`` -> (``"dir/abc"``, ``"flac"``); the extension starts at the basename's first dot."""
-    slash = name.rfind("/")
-    dot = name.find(".", slash + 1)
-    if dot < 0:
-        return name, ""
-    return name[:dot], name[dot + 1 :].lower()
 
 
 class ByteCounter:
