@@ -2,13 +2,17 @@
 
 Each entry maps a subcommand to ``module:function``; the function takes the remaining argv and
 returns an exit code. Modules are imported only when their command runs, so `clapscale --help`
-stays fast and a broken optional stage cannot break the others.
+stays fast and a broken optional stage cannot break the others. Every command runs under
+``clapscale.errors.run_command``: a user error is one line on stderr and exit code 2, a bug keeps its
+traceback (``--debug`` or ``CLAPSCALE_DEBUG=1`` shows tracebacks of user errors too).
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from clapscale.errors import debug_enabled, run_command
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("clapscale.train.cli:main", "train a CLAP model from a YAML recipe (one node; see launch/ for clusters)"),
@@ -25,14 +29,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: clapscale COMMAND [args...]", "", "commands:"]
+    lines = ["usage: clapscale [--debug] COMMAND [args...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`clapscale COMMAND --help` describes each command."]
+    lines += ["", "`clapscale COMMAND --help` describes each command. Errors in what you give a command are",
+              "one line and exit code 2; --debug (or CLAPSCALE_DEBUG=1) adds their traceback."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``clapscale [--debug] COMMAND args...``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_enabled()
+    if argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     target, _ = COMMANDS[name]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    return run_command(f"clapscale {name}", func, rest, debug=debug)
 
 
 if __name__ == "__main__":

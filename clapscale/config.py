@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from clapscale.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 

@@ -16,7 +16,6 @@ of each third; eval mode; no autograd).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Union
@@ -25,17 +24,26 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from clapscale.config import Config, config_from_dict
+from clapscale.config import Config
 from clapscale.data.policies import apply_length_policy
+from clapscale.errors import UserError
 from clapscale.eval.embedding import make_text_encoder, model_dtype
 from clapscale.eval.zeroshot import DEFAULT_TEMPLATES, check_labels, encode_labels
 from clapscale.features import AudioFrontend
-from clapscale.shards.audio_io import MAX_CHANNELS, AudioDecodeError, load_audio, resample
+from clapscale.models.loading import load_trained_model
+from clapscale.shards.audio_io import (
+    MAX_CHANNELS,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    AudioDecodeError,
+    load_audio,
+    resample,
+)
 
 AudioInput = Union[str, Path, np.ndarray, Tensor]
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """An input to the inference API is unusable; the message names it and what to do."""
 
 
@@ -87,8 +95,10 @@ class Clap:
             )
         if sample_rate is None:
             raise InferenceError("audio given as an array needs its sample_rate= (e.g. sample_rate=44100)")
-        if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-            raise InferenceError(f"sample_rate must be a positive integer, got {sample_rate!r}")
+        if not isinstance(sample_rate, (int, np.integer)) or not MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE:
+            raise InferenceError(
+                f"sample_rate must be an integer from {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz, got {sample_rate!r}"
+            )
         x = np.asarray(audio, dtype=np.float32)
         if x.ndim == 2:
             # (channels, samples) or (samples, channels): the short axis is the channel axis.
@@ -122,7 +132,6 @@ class Clap:
             "fusion_starts": torch.tensor([r.fusion_starts for r in res], dtype=torch.int64),
         }
 
-    @torch.inference_mode()
     def embed_audio(
         self,
         audio: AudioInput | Sequence[AudioInput],
@@ -137,31 +146,64 @@ class Clap:
             sample_rate: sample rate of the arrays (required for arrays, ignored for files).
             batch_size: clips per forward pass.
             progress: show a tqdm progress bar.
+
+        The first clip that cannot be used raises (``InferenceError``, ``FileNotFoundError``); see
+        :meth:`embed_audio_files` to carry on past unreadable files.
         """
-        items = _as_list(audio)
+        emb, _ = self._embed(_as_list(audio), sample_rate, batch_size, progress, keep_going=False)
+        return emb
+
+    def embed_audio_files(
+        self, files: Sequence[str | Path], batch_size: int = 8, progress: bool = False
+    ) -> tuple[Tensor, dict[int, str]]:
+        """Embed audio files, carrying on past the ones that cannot be read.
+
+        Returns ``(N, D)`` float32 with one row per file in the given order (a file that failed has a
+        row of NaN, so it cannot pass for an embedding) and ``{index: reason}`` for the failed files.
+        """
+        return self._embed(list(files), None, batch_size, progress, keep_going=True)
+
+    @torch.inference_mode()
+    def _embed(
+        self, items: list[AudioInput], sample_rate: int | None, batch_size: int, progress: bool, keep_going: bool
+    ) -> tuple[Tensor, dict[int, str]]:
         if not items:
             raise InferenceError("no audio given")
         if batch_size < 1:
             raise InferenceError(f"batch_size must be >= 1, got {batch_size}")
         dtype = model_dtype(self.model)
-        out = []
+        out = torch.full((len(items), self.embed_dim), float("nan"))
+        failures: dict[int, str] = {}
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            mel, longer = self.frontend(self._batch([w for _, w in pending]))
+            out[[i for i, _ in pending]] = self.model.encode_audio(mel.to(dtype), longer).float().cpu()
+            pending.clear()
+
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(items), unit="clip", desc="embedding")
         try:
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                batch = self._batch([self.load_waveform(a, sample_rate) for a in chunk])
-                mel, longer = self.frontend(batch)
-                out.append(self.model.encode_audio(mel.to(dtype), longer).float().cpu())
+            for i, item in enumerate(items):
+                try:
+                    pending.append((i, self.load_waveform(item, sample_rate)))
+                except (InferenceError, FileNotFoundError) as e:
+                    if not keep_going:
+                        raise
+                    failures[i] = str(e)
+                if len(pending) == batch_size:
+                    flush()
                 if bar is not None:
-                    bar.update(len(chunk))
+                    bar.update(1)
+            if pending:
+                flush()
         finally:
             if bar is not None:
                 bar.close()
-        return torch.cat(out)
+        return out, failures
 
     # ------------------------------------------------------------------------------ text
 
@@ -192,8 +234,17 @@ class Clap:
         progress: bool = False,
     ) -> Tensor:
         """Zero-shot class probabilities ``(N, L)``: softmax over labels of the temperature-scaled
-        cosine similarity between each clip and ``"This is a sound of {label}."``."""
+        cosine similarity between each clip and ``"This is a sound of {label}."``.
+
+        At least two labels: a softmax over one label is 1 for every clip, whatever it holds.
+        """
         labels = check_labels(labels)
+        if len(labels) < 2:
+            raise InferenceError(
+                f"zero-shot needs at least two labels, got {labels}: probabilities are a softmax over the labels, "
+                "so a single label gets 1.000 for any audio. Add the alternatives it should be told apart from "
+                "(e.g. dog,cat,rain), or compare embeddings (embed_audio / embed_text) by cosine similarity"
+            )
         label_emb = self.label_embeddings(labels, templates)
         emb = self.embed_audio(audio, sample_rate=sample_rate, batch_size=batch_size, progress=progress)
         with torch.inference_mode():
@@ -213,100 +264,13 @@ def _as_list(audio: AudioInput | Sequence[AudioInput]) -> list[AudioInput]:
 def load(path: str | Path, device: torch.device | str | None = None) -> Clap:
     """Load a model for inference.
 
-    ``path`` may be:
-      - an exported directory (``config.yaml`` + ``model.safetensors``): the trainer's
-        ``runs/<name>/model``, ``save_model``'s output or ``clapscale import-hf``'s;
-      - a trainer checkpoint directory ``.../checkpoints/step_XXXXXXXX`` (any ZeRO stage; stage 3
-        partitions are consolidated with DeepSpeed's fp32 reader);
-      - a run directory (``runs/<name>``): its export ``model/`` if training finished, else its
-        newest complete checkpoint.
+    ``path`` may be an exported directory (``config.yaml`` + ``model.safetensors``), a trainer
+    checkpoint directory ``.../checkpoints/step_XXXXXXXX`` or a run directory ``runs/<name>``: see
+    :func:`clapscale.models.loading.load_trained_model`. A damaged or unrecognised path raises
+    ``ModelLoadError`` naming the file; a missing one ``FileNotFoundError``.
     """
-    path = Path(path)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     from clapscale.models import build_tokenizer
 
-    model, cfg = _load_model(path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_trained_model(path)
     return Clap(model, cfg, build_tokenizer(cfg.model.text), device=device, source=str(path))
-
-
-def _load_model(path: Path) -> tuple[nn.Module, Config]:
-    from clapscale.models import load_model
-
-    if (path / "model.safetensors").is_file():
-        return load_model(path)
-    if (path / "model" / "model.safetensors").is_file():  # a run directory with its final export
-        return load_model(path / "model")
-    if (path / "checkpoints").is_dir():
-        steps = sorted(p for p in (path / "checkpoints").glob("step_*") if p.is_dir() and (p / "meta.json").is_file())
-        if not steps:
-            raise FileNotFoundError(f"{path} is a run directory with no complete checkpoint under {path / 'checkpoints'}")
-        path = steps[-1]
-    if (path / "mp_rank_00_model_states.pt").is_file() or any(path.glob("zero_pp_rank_*_model_states.pt")):
-        return _load_trainer_checkpoint(path)
-    raise InferenceError(
-        f"{path} is neither an exported model (config.yaml + model.safetensors) nor a trainer checkpoint "
-        "(config.yaml + mp_rank_00_model_states.pt) nor a run directory with checkpoints/"
-    )
-
-
-def _consolidate_fp32(path: Path) -> dict[str, Tensor]:
-    """fp32 master weights of a ZeRO checkpoint, gathered from every rank's partition by DeepSpeed's reader.
-
-    That reader unpickles the files with ``weights_only=False``: load only checkpoints you trust
-    (the run's exported ``model/`` directory has no such caveat).
-    """
-    try:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    except ImportError as e:
-        raise InferenceError(
-            f"{path} is a ZeRO-3 checkpoint; consolidating its partitions needs deepspeed ({e}); "
-            "or use the run's exported model directory (runs/<name>/model)"
-        ) from e
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name))
-
-
-def _load_trainer_checkpoint(path: Path) -> tuple[nn.Module, Config]:
-    import yaml
-
-    from clapscale.models import build_model
-    from clapscale.models.checkpoint import check_shapes
-
-    cfg_file = path / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"trainer checkpoint {path} has no config.yaml")
-    cfg = config_from_dict(yaml.safe_load(cfg_file.read_text()) or {})
-    if (path / "mp_rank_00_model_states.pt").is_file():
-        states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-        sd = states.get("module") if isinstance(states, dict) else None
-    else:
-        sd = None
-    if not sd or any(t.numel() == 0 for t in sd.values() if isinstance(t, Tensor)):
-        # ZeRO-3: the weights exist only as fp32 partitions in the ranks' optimizer files.
-        sd = _consolidate_fp32(path)
-    elif cfg.train.precision != "fp32":
-        # The module copy is bf16/fp16; the fp32 master weights (what the export holds) sit in the
-        # optimizer partitions.
-        try:
-            sd = _consolidate_fp32(path)
-        except Exception as e:  # noqa: BLE001 - any reader failure: say so and use the 16-bit copy
-            warnings.warn(
-                f"{path}: could not read the fp32 master weights ({type(e).__name__}: {e}); using the "
-                f"{cfg.train.precision} module copy, rounded to {cfg.train.precision}",
-                stacklevel=2,
-            )
-    # The weights come from the checkpoint: build the towers without loading pretrained ones.
-    cfg.model.audio.pretrained = ""
-    cfg.model.text.pretrained = False
-    model = build_model(cfg)
-    own = model.state_dict()
-    # DeepSpeed stores 0-d parameters (the temperature) as shape (1,); give tensors the model's shape back.
-    sd = {
-        k: (v.reshape(own[k].shape) if k in own and v.numel() == own[k].numel() else v).float()
-        if v.is_floating_point() else v
-        for k, v in sd.items()
-    }
-    check_shapes(model, sd, where=str(path))
-    model.load_state_dict(sd, strict=True)
-    return model, cfg

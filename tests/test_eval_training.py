@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from clapscale.eval.runner import evaluate
-from clapscale.inference import _load_model, load
+from clapscale.inference import load
+from clapscale.models.loading import load_trained_model
 from clapscale.models import load_model
 from clapscale.shards.synthetic import generate
 from clapscale.shards.writer import write_shards
@@ -80,7 +81,7 @@ def test_trainer_eval_and_checkpoint_loading(tmp_path):
     for k in ours:
         assert final_eval[k] == pytest.approx(ours[k], abs=1e-6), k
 
-    ckpt_model, ckpt_cfg = _load_model(run / "checkpoints" / "step_00000002")
+    ckpt_model, ckpt_cfg = load_trained_model(run / "checkpoints" / "step_00000002")
     exported = model.state_dict()
     for k, v in ckpt_model.state_dict().items():
         assert torch.equal(v, exported[k]), k
@@ -135,7 +136,7 @@ def test_zero3_two_ranks_unequal_eval_batches(tmp_path):
     # Numbers are not compared here: the 2-step model's clip embeddings nearly coincide (they differ
     # by ~1e-6), so float rounding between batchings can reorder near-ties in zero-shot mAP.
     # The partitioned checkpoint consolidates to exactly the exported fp32 weights.
-    ckpt_model, _ = _load_model(run / "checkpoints" / "step_00000002")
+    ckpt_model, _ = load_trained_model(run / "checkpoints" / "step_00000002")
     exported = model.state_dict()
     for k, v in ckpt_model.state_dict().items():
         assert torch.equal(v, exported[k]), k

@@ -18,6 +18,7 @@ from clapscale.eval.cli import embed_main, zeroshot_main
 from clapscale.features import LogMel, fuse_mel
 from clapscale.inference import InferenceError, load
 from clapscale.models import CheckpointMismatchError
+from clapscale.models.loading import ModelLoadError
 
 SR = 48000
 
@@ -142,13 +143,20 @@ def test_clear_errors(models, files, tmp_path):
         clap.embed_audio([files["short"], files["broken"]])
     with pytest.raises(ValueError, match="label list is empty"):
         clap.zero_shot(files["short"], [])
+    # A softmax over one label is 1.0 for anything: refused, not answered with confidence.
+    with pytest.raises(InferenceError, match="at least two labels"):
+        clap.zero_shot(files["short"], ["dog"])
+    # An array at a rate no recording has (the 1 Hz "2000 s" clip) is refused before resampling.
+    for rate in (1, 2000, 10**9):
+        with pytest.raises(InferenceError, match="sample_rate must be an integer from 4000"):
+            clap.embed_audio(np.zeros(4000, np.float32), sample_rate=rate)
     with pytest.raises(InferenceError, match="sample_rate"):
         clap.embed_audio(np.zeros(1000, np.float32))
     with pytest.raises(InferenceError, match="zero-length"):
         clap.embed_audio(np.zeros(0, np.float32), sample_rate=SR)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load(tmp_path / "no-model")
-    with pytest.raises(InferenceError, match="neither an exported model"):
+    with pytest.raises(ModelLoadError, match="neither an exported model"):
         load(tmp_path)
     # A checkpoint whose weights belong to another architecture than its config describes.
     other = tmp_path / "other"
@@ -174,9 +182,35 @@ def test_embed_and_zeroshot_cli(models, files, tmp_path, capsys):
     table = json.loads((tmp_path / "zs.json").read_text())
     assert sum(table[paths[0]].values()) == pytest.approx(1.0)
 
-    assert embed_main(["--checkpoint", str(models["plain"]), str(tmp_path / "missing.wav"), "--out", str(out)]) == 2
-    assert "missing.wav" in capsys.readouterr().err
-    assert embed_main(["--checkpoint", str(models["plain"]), str(files["broken"]), "--out", str(out)]) == 2
-    assert "cannot read audio" in capsys.readouterr().err
     assert zeroshot_main(["--checkpoint", str(models["plain"]), "--labels", " , ", *paths]) == 2
     assert "--labels is empty" in capsys.readouterr().err
+    assert zeroshot_main(["--checkpoint", str(models["plain"]), "--labels", "dog", *paths]) == 2
+    assert "at least two labels" in capsys.readouterr().err
+
+
+def test_embed_cli_embeds_the_good_files_and_lists_the_bad(models, files, tmp_path, capsys):
+    # One unreadable or missing file among many used to abort the whole run with no .npy at all.
+    out = tmp_path / "emb.npy"
+    good = [str(files["short"]), str(files["stereo"]), str(files["exact"])]
+    one_hz = tmp_path / "one_hz.wav"  # a damaged header: 4 KB at "1 Hz" would be a 2000 s clip
+    data = bytearray(files["short"].read_bytes())
+    data[24:32] = (1).to_bytes(4, "little") + (2).to_bytes(4, "little")
+    one_hz.write_bytes(bytes(data))
+    given = [good[0], str(files["broken"]), good[1], str(tmp_path / "missing.wav"), str(one_hz), good[2]]
+    assert embed_main(["--checkpoint", str(models["plain"]), *given, "--out", str(out), "--batch-size", "2"]) == 1
+    err = capsys.readouterr().err
+    emb = np.load(out)
+    assert emb.shape == (6, 64)
+    bad_rows = [1, 3, 4]
+    assert np.isnan(emb[bad_rows]).all()
+    # The good rows are exactly what embedding the good files alone gives.
+    clap = load(models["plain"], device="cpu")
+    np.testing.assert_allclose(emb[[0, 2, 5]], clap.embed_audio(good).numpy(), atol=1e-6)
+    failed = [line for line in err.splitlines() if line.startswith("FAILED ")]
+    assert len(failed) == 3
+    assert "broken.wav" in failed[0] and "cannot read audio" in failed[0]
+    assert "missing.wav" in failed[1] and "not found" in failed[1]
+    assert "one_hz.wav" in failed[2] and "implausible sample rate 1 Hz" in failed[2]
+    assert "3 of 6 file(s) could not be embedded" in err
+    # All good: exit 0.
+    assert embed_main(["--checkpoint", str(models["plain"]), *good, "--out", str(out)]) == 0

@@ -54,7 +54,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from clapscale.config import AudioConfig, DataConfig
+from clapscale.config import AudioConfig, ConfigError, DataConfig
 from clapscale.data.policies import apply_length_policy, frames_of
 from clapscale.data.shardio import split_member_name
 from clapscale.data.specs import ShardSpecError, Source, all_urls, check_shards_exist, is_remote
@@ -176,7 +176,7 @@ class DaliLoader:
         if train:
             self._nominal = self._total // (data_cfg.batch_size * world_size)
             if self._nominal == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"data spec holds {self._total} samples, fewer than one global batch "
                     f"(data.batch_size={data_cfg.batch_size} x {world_size} ranks): lower "
                     "data.batch_size or add shards"

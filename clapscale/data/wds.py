@@ -47,7 +47,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clapscale.config import AudioConfig, DataConfig
+from clapscale.config import AudioConfig, ConfigError, DataConfig
 from clapscale.data.captions import EmptyCaptionError, choose_caption, clean_captions, normalise_tags
 from clapscale.data.policies import apply_length_policy
 from clapscale.data.shardio import ByteCounter, ShuffleBuffer, eval_plan, iter_tar_samples, resume_stream
@@ -486,7 +486,7 @@ class WdsLoader:
             total = sum(shard_sizes(urls).values())
             self._nominal_batches = total // (data_cfg.batch_size * world_size)
             if self._nominal_batches == 0:
-                raise ValueError(
+                raise ConfigError(
                     f"data spec holds {total} samples, fewer than one global batch "
                     f"(data.batch_size={data_cfg.batch_size} x {world_size} ranks): lower "
                     "data.batch_size or add shards"

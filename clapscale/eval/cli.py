@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from clapscale.config import ConfigError
+from clapscale.errors import UserError
 
 # Readable names for the metric keys in the printed table.
 _LABELS = {
@@ -61,6 +62,20 @@ def _override(cfg, overrides: list[str]):
 def _fail(prog: str, err: Exception) -> int:
     print(f"clapscale {prog}: error: {err}", file=sys.stderr)
     return 2
+
+
+def check_writable(path: str | Path, flag: str) -> None:
+    """Fail before the work, not after it, when an output file cannot be written."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose another path") from e
+    if not existed:
+        path.unlink()
 
 
 def format_results(results, checkpoint: str = "") -> str:
@@ -124,12 +139,11 @@ def eval_main(argv: list[str]) -> int:
         labels = _read_labels(args.labels)
         if labels is not None and not labels:
             raise ValueError("--labels is empty: give at least one label, e.g. --labels dog,rain")
-        from clapscale.inference import _load_model
+        from clapscale.models.loading import load_trained_model
 
-        ckpt = Path(args.checkpoint)
-        if not ckpt.exists():
-            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
-        model, cfg = _load_model(ckpt)
+        if args.out:
+            check_writable(args.out, "--out")
+        model, cfg = load_trained_model(args.checkpoint)
         if args.set:
             cfg = _override(cfg, args.set)
         ev = cfg.eval
@@ -191,7 +205,9 @@ def embed_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="clapscale embed",
         description="Embed audio files (any format, length, sample rate, channels) into an (N, D) float32 "
-        ".npy matrix, rows in the order the files are given. Deterministic.",
+        ".npy matrix, rows in the order the files are given. Deterministic. A file that cannot be read "
+        "does not stop the others: its row is NaN, it is listed on stderr with the reason, and the exit "
+        "code is 1.",
     )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("files", nargs="+", help="audio files")
@@ -202,15 +218,20 @@ def embed_main(argv: list[str]) -> int:
     from clapscale.inference import load
 
     try:
-        _check_files(args.files)
+        check_writable(args.out, "--out")
         clap = load(args.checkpoint, device=_device(args.device))
-        emb = clap.embed_audio(args.files, batch_size=args.batch_size, progress=True)
+        emb, failures = clap.embed_audio_files(args.files, batch_size=args.batch_size, progress=True)
     except (ValueError, FileNotFoundError) as e:
         return _fail("embed", e)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, emb.numpy())
+    for i, reason in failures.items():
+        print(f"FAILED {args.files[i]}: {reason}", file=sys.stderr)
     print(f"wrote {out}: {emb.shape[0]} x {emb.shape[1]} float32")
+    if failures:
+        print(f"clapscale embed: {len(failures)} of {len(args.files)} file(s) could not be embedded (listed above); "
+              "their rows are NaN", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -244,7 +265,15 @@ def zeroshot_main(argv: list[str]) -> int:
     try:
         labels = _read_labels(args.labels) or []
         if not labels:
-            raise ValueError("--labels is empty: give at least one label, e.g. --labels dog,rain,siren")
+            raise ValueError("--labels is empty: give at least two labels, e.g. --labels dog,rain,siren")
+        if len(set(labels)) < 2:
+            raise ValueError(
+                f"--labels {','.join(labels)}: give at least two labels; the probabilities are a softmax over "
+                "them, so a single label scores 1.000 for any audio (add what it should be told apart from, "
+                "e.g. --labels dog,cat,rain)"
+            )
+        if args.out:
+            check_writable(args.out, "--out")
         _check_files(args.files)
         clap = load(args.checkpoint, device=_device(args.device))
         probs = clap.zero_shot(args.files, labels, templates=args.template, batch_size=args.batch_size,

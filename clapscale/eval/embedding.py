@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from clapscale.errors import UserError
 from clapscale.eval.gather import gather_objects, gather_rows, lockstep
 
 
-class EmptySplitError(ValueError):
+class EmptySplitError(UserError, ValueError):
     """No rank read a single sample (raised on every rank alike)."""
 
 

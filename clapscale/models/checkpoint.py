@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clapscale.errors import UserError
 
-class CheckpointMismatchError(ValueError):
+
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's tensors do not match the model built from the config (names or shapes)."""
 
 

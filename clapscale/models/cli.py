@@ -9,6 +9,7 @@ import sys
 import torch
 
 from clapscale.config import AudioConfig
+from clapscale.errors import UserError
 
 
 def count_parameters(module: torch.nn.Module) -> int:
@@ -106,6 +107,12 @@ def models_main(argv: list[str]) -> int:
     parser.add_argument("--text", nargs="*", metavar="NAME", help="only these text towers (default: all)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = parser.parse_args(argv)
+    from clapscale.models.registry import AUDIO_TOWERS, TEXT_TOWERS
+
+    for flag, given, known in (("--audio", args.audio, AUDIO_TOWERS), ("--text", args.text, TEXT_TOWERS)):
+        unknown = [n for n in given or [] if n not in known]
+        if unknown:
+            raise UserError(f"{flag}: unknown tower {', '.join(unknown)}; known: {', '.join(known)}")
     rows = []
     if args.audio is not None or args.text is None:
         rows += audio_rows(args.audio or None, AudioConfig())
@@ -135,11 +142,11 @@ def export_hf_main(argv: list[str]) -> int:
     parser.add_argument("model_dir")
     parser.add_argument("out_dir")
     args = parser.parse_args(argv)
-    from clapscale.models.checkpoint import load_model
     from clapscale.models.interop import export_hf
+    from clapscale.models.loading import load_trained_model
 
     try:
-        model, cfg = load_model(args.model_dir)
+        model, cfg = load_trained_model(args.model_dir)
         export_hf(model.eval(), cfg, args.out_dir)
     except (ValueError, FileNotFoundError) as e:
         print(f"clapscale export-hf: {e}", file=sys.stderr)

@@ -22,6 +22,8 @@ import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 
+from clapscale.errors import UserError
+
 SAMPLE_RATE = 48000
 # Channel counts above this are not a listening format (multitrack stems, ambisonics, arrays):
 # averaging them into "mono" would silently produce something nobody intended.
@@ -37,7 +39,7 @@ BLOCK_FRAMES = 1 << 16
 AudioSource = Union[str, Path, bytes, bytearray, BinaryIO]
 
 
-class AudioDecodeError(ValueError):
+class AudioDecodeError(UserError, ValueError):
     """A source could not be turned into usable audio; the message names the source and why.
 
     ``code`` is a short machine-readable category (``unreadable``, ``truncated``, ``zero_length``,
