@@ -249,6 +249,10 @@ class TrainConfig:
     # train.steps. For fixed time slots: the next job resumes with train.resume=auto.
     stop_at: int = 0
     max_nonfinite: int = 5  # this many non-finite losses in a row stop the run
+    # Longest wait in one collective (s): a rank whose peer died or hangs stops with an error
+    # naming it instead of waiting torch's default 30 min. Must exceed the slowest legitimate
+    # wait: rank 0 writing the export or a checkpoint while the others wait for it.
+    dist_timeout_s: float = 600.0
     seed: int = 0
     resume: str = "auto"  # auto | none | <checkpoint dir>
 
@@ -266,6 +270,7 @@ class TrainConfig:
         _positive(f"{path}.grad_accum", self.grad_accum)
         _positive(f"{path}.keep_last", self.keep_last)
         _positive(f"{path}.max_nonfinite", self.max_nonfinite)
+        _positive(f"{path}.dist_timeout_s", self.dist_timeout_s)
         _positive(f"{path}.log_every", self.log_every)
         if self.checkpoint_every < 0 or self.stop_at < 0:
             raise ConfigError(

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clapscale train: {e}", file=sys.stderr)
         return 2
 
+    from clapscale.train.checkpoint import CheckpointWriteError
+    from clapscale.train.distributed import describe_peer_failure, is_peer_failure, request_requeue
     from clapscale.train.loop import NonFiniteLossError, Trainer
 
     trainer = Trainer(cfg)
@@ -47,10 +49,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"clapscale train: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CheckpointWriteError) as e:
         print(f"clapscale train: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        if not is_peer_failure(e):
+            raise
+        print(f"clapscale train: {describe_peer_failure(trainer.denv, e)}. The other ranks stop too; "
+              "rerun with train.resume=auto to continue from the newest complete checkpoint", file=sys.stderr)
+        return 1
     if result.stopped_by == "signal":
+        request_requeue(trainer.denv)
         print(f"clapscale train: stopped by signal at step {result.step}; checkpoint {result.checkpoint}", flush=True)
         return EXIT_REQUEUE
     if trainer.denv.is_main:

@@ -4,6 +4,11 @@ torchrun exports ``RANK`` / ``LOCAL_RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / 
 Under ``srun`` every task gets ``SLURM_PROCID`` / ``SLURM_LOCALID`` / ``SLURM_STEP_NUM_TASKS``; the
 rendezvous host is the first host of the allocation (``scontrol show hostnames``) and the port is
 derived from the job id unless ``MASTER_PORT`` is set, so every task agrees without talking.
+
+Faults: every collective waits at most ``train.dist_timeout_s`` (torch's default is 30 min, so a
+hung peer would stall the whole job that long). When a collective fails (a peer died, or hung
+past the timeout), ``describe_peer_failure`` asks the rendezvous store which ranks still answer
+and names the others, so the log says which rank to look at.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import datetime
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
@@ -103,11 +110,18 @@ def discover(
     return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)), "single")
 
 
+# The rendezvous store of this process's group, kept to ask who is alive after a failure.
+_STORE: dist.Store | None = None
+
+
 def init_process_group(denv: DistEnv, timeout_s: float = 1800.0) -> str:
     """Join the job's process group (NCCL with CUDA, gloo otherwise); returns the backend.
 
-    A single process still gets a (world size 1) group: DeepSpeed's engine wants one.
+    ``timeout_s`` bounds every collective (and the rendezvous): a rank whose peer died or hangs
+    raises instead of waiting. A single process still gets a (world size 1) group: DeepSpeed's
+    engine wants one.
     """
+    global _STORE
     if dist.is_initialized():
         return dist.get_backend()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -122,16 +136,79 @@ def init_process_group(denv: DistEnv, timeout_s: float = 1800.0) -> str:
     timeout = datetime.timedelta(seconds=timeout_s)
     if denv.world_size == 1 and denv.master_port == 0:
         # An in-memory store: two single-process runs on one machine never fight over a port.
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        store: dist.Store = dist.HashStore()
     else:
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
-            rank=denv.rank,
-            world_size=denv.world_size,
-            timeout=timeout,
-        )
+        # torch's own tcp:// rendezvous (under torchrun it joins the agent's store), done here so
+        # the store stays reachable for ``describe_peer_failure``.
+        store, _, _ = next(dist.rendezvous(
+            f"tcp://{denv.master_addr}:{denv.master_port}", denv.rank, denv.world_size, timeout=timeout
+        ))
+    dist.init_process_group(backend, store=store, rank=denv.rank, world_size=denv.world_size, timeout=timeout)
+    _STORE = store
     return backend
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because of another rank (it died, hung past
+    the timeout, or the network dropped): torch's DistError family (NCCL, the store), or a
+    ``RuntimeError`` raised inside torch.distributed itself, as gloo's transport errors are
+    ("Connection reset by peer", "Application timeout caused pair closure")."""
+    if isinstance(error, dist.DistError):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    tb, innermost = error.__traceback__, None
+    while tb is not None:
+        innermost, tb = tb, tb.tb_next
+    where = innermost.tb_frame.f_code.co_filename if innermost is not None else ""
+    return os.path.join("torch", "distributed", "") in where
+
+
+def describe_peer_failure(denv: DistEnv, error: BaseException, wait_s: float = 10.0) -> str:
+    """Why this rank's collective failed, naming the ranks that no longer answer.
+
+    Every surviving rank checks in under a key of the rendezvous store and waits up to
+    ``wait_s`` for the others; ranks missing then are dead or hung. When the store itself is gone
+    (it lives in rank 0's process outside torchrun) rank 0 is the one to look at.
+    """
+    base = f"rank {denv.rank}: a collective operation failed ({type(error).__name__}: {str(error).strip()[:300]})"
+    if _STORE is None or denv.world_size == 1:
+        return base
+    peers = [r for r in range(denv.world_size) if r != denv.rank]
+    try:
+        _STORE.set_timeout(datetime.timedelta(seconds=wait_s))
+        _STORE.set(f"clapscale/alive/{denv.rank}", "1")
+        deadline = time.monotonic() + wait_s
+        missing = peers
+        while missing and time.monotonic() < deadline:
+            missing = [r for r in peers if not _STORE.check([f"clapscale/alive/{r}"])]
+            time.sleep(0.2)
+    except (RuntimeError, OSError) as e:  # torch's DistError family: the store's failure is the finding
+        return (f"{base}; the rendezvous store at {denv.master_addr}:{denv.master_port} does not answer "
+                f"either ({type(e).__name__}), so rank 0, which hosts it, died or hangs")
+    if not missing:
+        return f"{base}; every other rank still answers, so the failure is a timeout or a network fault"
+    names = ", ".join(str(r) for r in missing)
+    return f"{base}; rank{'s' if len(missing) > 1 else ''} {names} did not answer within {wait_s:.0f} s: dead or hung"
+
+
+def request_requeue(denv: DistEnv, env: Mapping[str, str] | None = None) -> Path | None:
+    """Collective. Rank 0 writes the marker file ``$CLAPSCALE_REQUEUE_FILE`` (set by
+    launch/pretrain.sh) that asks the batch script to requeue the job; returns its path.
+
+    Called after the checkpoint is complete. The barrier keeps every rank alive until the marker
+    exists: with ``srun --kill-on-bad-exit`` the first rank to exit gets the others killed, and
+    srun's own exit code (137 / 143 then) cannot say that the run asked to be requeued.
+    """
+    env = os.environ if env is None else env
+    marker = Path(env["CLAPSCALE_REQUEUE_FILE"]) if env.get("CLAPSCALE_REQUEUE_FILE") else None
+    if marker is not None and denv.is_main:
+        part = marker.with_name(marker.name + ".part")
+        part.write_text(f"requeue requested by rank 0 at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+        os.replace(part, marker)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return marker
 
 
 def device_for(denv: DistEnv) -> torch.device:

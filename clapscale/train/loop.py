@@ -6,7 +6,8 @@ One optimizer step, top to bottom (``Trainer._step``):
 2. log-mel front end on the training device, then the DeepSpeed engine's forward;
 3. the loss outside the engine, over features gathered from every rank (``clapscale.losses``);
 4. a non-finite loss on any rank skips the step on all ranks (counted; ``train.max_nonfinite``
-   in a row saves the last good state and stops with ``NonFiniteLossError``);
+   in a row stops with ``NonFiniteLossError`` without saving: the weights that produce them
+   must not become the newest checkpoint that ``resume=auto`` picks);
 5. ``engine.backward`` / ``engine.step`` (clipping, ZeRO reduction, AdamW, LR schedule).
 
 Gradient accumulation keeps every global negative: with ``grad_accum = A`` the loss is the loss
@@ -150,7 +151,7 @@ class Trainer:
         from clapscale.models import build_model, build_tokenizer, load_model
 
         cfg, denv = self.cfg, self.denv
-        backend = init_process_group(denv)
+        backend = init_process_group(denv, cfg.train.dist_timeout_s)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend)
@@ -330,11 +331,12 @@ class Trainer:
                     self.nonfinite_total += 1
                     self.log.event(self.step, "nonfinite_loss", loss=float(loss), in_a_row=in_a_row)
                     if in_a_row >= cfg.train.max_nonfinite:
-                        path = self._save()
+                        last_good = self.checkpoints.latest()
                         raise NonFiniteLossError(
                             f"{in_a_row} non-finite losses in a row (train.max_nonfinite="
                             f"{cfg.train.max_nonfinite}) at step {self.step}, last loss {float(loss)}; "
-                            f"the last good state is saved in {path}. Lower optim.lr, raise "
+                            "the state that produced them is not saved. The newest checkpoint is "
+                            f"{last_good or 'none (none was saved yet)'}. Lower optim.lr, raise "
                             "optim.warmup_steps, use train.precision=bf16 or fp32, or check the data"
                         )
                     if self._stop_requested():
