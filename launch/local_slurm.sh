@@ -4,7 +4,8 @@
 #   launch/local_slurm.sh start STATE_DIR   # prints `export SLURM_CONF=...`; idempotent
 #   launch/local_slurm.sh stop STATE_DIR
 # Needs: apt-get install slurmctld slurmd slurm-client munge. No cgroups are used (containers
-# rarely allow them): proctrack/linuxproc, task/none.
+# rarely allow them): proctrack/linuxproc; task/affinity binds each task to its cores with
+# sched_setaffinity, as production clusters do, so a task sees only the CPUs it was given.
 set -euo pipefail
 cmd=${1:?usage: local_slurm.sh start|stop STATE_DIR}
 state=$(mkdir -p "${2:?usage: local_slurm.sh start|stop STATE_DIR}" && cd "$2" && pwd)
@@ -67,7 +68,8 @@ SlurmdPidFile=$state/slurmd.pid
 SlurmctldLogFile=$state/slurmctld.log
 SlurmdLogFile=$state/slurmd.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+TaskPluginParam=Cores
 JobAcctGatherType=jobacct_gather/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
