@@ -13,7 +13,7 @@ import hashlib
 import io
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Union
@@ -251,9 +251,10 @@ def _kernel(sr_in: int, sr_out: int, zeros: int, rolloff: float, beta: float) ->
     exact = up * 2 * J <= MAX_TABLE_TAPS
     rows = up if exact else max(MAX_TABLE_TAPS // (2 * J), 2)
     frac = np.arange(rows) / up if exact else np.linspace(0.0, 1.0, rows)
-    table = np.concatenate(
-        [_windowed_sinc(frac[a : a + 256], J, cutoff, half_width, beta).astype(np.float32) for a in range(0, rows, 256)]
-    )
+    table = np.empty((rows, 2 * J), np.float32)
+    step = max(1, (1 << 16) // (2 * J))  # float64 temporaries of the build stay small too
+    for a in range(0, rows, step):
+        table[a : a + step] = _windowed_sinc(frac[a : a + step], J, cutoff, half_width, beta)
     return _Kernel(up, down, J, table, exact)
 
 
@@ -392,9 +393,44 @@ def encode_flac(x: np.ndarray, sr: int = SAMPLE_RATE) -> bytes:
     x = np.asarray(x)
     if x.ndim != 1:
         raise ValueError(f"encode_flac expects a mono (n,) array, got shape {x.shape}")
+    return encode_flac_stream([x], sr).flac
+
+
+@dataclass(frozen=True)
+class EncodedAudio:
+    """A clip stored as 16-bit FLAC, with what the shard writer records about its PCM.
+
+    ``samples``: length; ``content_hash``: as :func:`content_hash` of the whole clip; ``peak``:
+    max ``|x|`` of the float input (before quantization).
+    """
+
+    flac: bytes
+    samples: int
+    content_hash: str
+    peak: float
+
+
+def encode_flac_stream(blocks: Iterable[np.ndarray], sr: int = SAMPLE_RATE) -> EncodedAudio:
+    """Encode mono float blocks ``(n_i,)`` as one 16-bit FLAC stream, holding one block at a time.
+
+    With ``iter_audio`` as the source, a clip of any length costs its compressed bytes plus a block
+    (a 3-hour file no longer needs its PCM in memory). The bytes equal ``encode_flac`` of the
+    concatenated blocks.
+    """
     buf = io.BytesIO()
-    sf.write(buf, quantize(x), sr, format="FLAC", subtype="PCM_16")
-    return buf.getvalue()
+    digest = hashlib.sha256()
+    samples, peak = 0, 0.0
+    with sf.SoundFile(buf, "w", sr, 1, format="FLAC", subtype="PCM_16") as f:
+        for block in blocks:
+            block = np.asarray(block)
+            if block.size == 0:
+                continue
+            pcm = quantize(block)
+            digest.update(pcm.tobytes())
+            f.write(pcm)
+            samples += pcm.size
+            peak = max(peak, float(np.max(np.abs(block))))
+    return EncodedAudio(buf.getvalue(), samples, digest.hexdigest(), peak)
 
 
 def content_hash(x: np.ndarray) -> str:
