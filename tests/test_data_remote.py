@@ -77,11 +77,14 @@ def test_remote_spec_reads_like_local_paths(served, kind):
     spec, local = remote_spec(kind, served), clean_spec(served[0] / "train")
     over = ("data.batch_size=3", "data.workers=2", "data.shuffle_buffer=4", "audio.length_policy=rand_trunc")
 
-    # Evaluation: the same batches on one rank, every sample once over two ranks.
+    # Evaluation: the same batches on one rank; every sample once over three ranks, whose runs of
+    # 5, 5 and 6 samples end inside shards (a stream left early is no truncated shard).
     cfg = make_cfg(spec, *over)
     assert_same_batches(list(build_loader(cfg, spec, train=False)), list(build_loader(cfg, local, train=False)))
-    split = [keys_of(build_loader(cfg, spec, rank=r, world_size=2, train=False)) for r in range(2)]
-    assert sorted(split[0] + split[1]) == ALL_KEYS and split[0] and split[1]
+    loaders = [build_loader(cfg, spec, rank=r, world_size=3, train=False) for r in range(3)]
+    split = [keys_of(loader) for loader in loaders]
+    assert sorted(k for part in split for k in part) == ALL_KEYS
+    assert [len(part) for part in split] == [5, 5, 6] and all(not ld.skipped for ld in loaders)
 
     # Epoch-mode training: the same batches, sample for sample; and a resume from a saved position.
     cfg = make_cfg(spec, *over, "data.resampled=false")

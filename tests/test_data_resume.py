@@ -102,3 +102,26 @@ def test_resume_reads_only_what_it_yields(clean_shards, stop):
     # Replaying would read every byte up to the position again (the taken samples' data too).
     assert read <= yielded + HEADER_ALLOWANCE * len(everything)
     assert 0 < resumed.bytes_read <= read  # the loader's own count is of the same reads
+
+
+def test_resume_on_laion_layout_shards(tmp_path):
+    """LAION's layout: PAX headers (long nested member names), shuffled members, ``0.tar, 1.tar``,
+    no ``.idx``: offsets recorded from the headers still land on the right samples."""
+    from laion_layout import laion_spec, write_laion_split
+    from test_data_common import clip
+
+    clips = [{"audio": clip(0.5 + 0.1 * i, i), "text": [f"caption {i}"]} for i in range(12)]
+    split = write_laion_split(tmp_path, "a_source_with_a_long_name_as_published", "train", clips, per_shard=4)
+    with tarfile.open(split / "0.tar") as tf:
+        assert all(m.pax_headers.get("path") for m in tf.getmembers())  # the names need PAX records
+    spec = laion_spec(split)
+    cfg = make_cfg(spec, "data.batch_size=2", "data.workers=0", "data.resampled=false", "data.shuffle_buffer=3")
+    full, _ = run_until(cfg, 0)
+    batches = list(full)
+    assert len(keys_of(batches)) == 12
+    for stop in (1, 3, 5):
+        first, taken = run_until(cfg, stop)
+        _, rest = resume_from(cfg, first.state_dict())
+        assert keys_of(taken + rest) == keys_of(batches)
+        for a, b in zip(taken + rest, batches):
+            assert torch.equal(a["waveform"], b["waveform"]) and a["texts"] == b["texts"]
