@@ -59,8 +59,8 @@ def expand_urls(pattern: str) -> list[str]:
         raise ValueError("empty shard pattern (check for a stray '::' in the data spec)")
     out: list[str] = []
     for url in braceexpand.braceexpand(pattern):
-        if is_remote(url) or not any(c in url for c in _GLOB_CHARS):
-            out.append(url)
+        if is_remote(url) or not any(c in url for c in _GLOB_CHARS) or Path(url).is_file():
+            out.append(url)  # a file whose name holds '[' or '?' is itself, not a pattern
             continue
         matches = sorted(glob.glob(url))
         if not matches:

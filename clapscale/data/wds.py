@@ -453,6 +453,8 @@ class WdsLoader:
         self.train = train
         urls = all_urls(sources)
         self.eval_pieces: list[tuple[str, int, int | None]] = []
+        # Samples per shard, read once (a remote shard set's table is one request per directory).
+        self._sizes = shard_sizes(urls)
         if train and not data_cfg.resampled:
             if len(urls) < world_size:
                 raise ValueError(
@@ -469,8 +471,7 @@ class WdsLoader:
             per_rank = len(urls[rank::world_size])
             self.num_workers = min(data_cfg.workers, per_rank)
         elif not train:
-            self._eval_sizes = shard_sizes(urls)
-            self.eval_pieces = eval_plan(urls, self._eval_sizes, rank, world_size)
+            self.eval_pieces = eval_plan(urls, self._sizes, rank, world_size)
             self.num_workers = min(data_cfg.workers, len(self.eval_pieces))
         else:
             self.num_workers = data_cfg.workers
@@ -483,7 +484,7 @@ class WdsLoader:
         self.source_counts = [0] * len(sources)  # training samples emitted per source, this run
         self._nominal_batches: int | None = None
         if train and data_cfg.resampled:
-            total = sum(shard_sizes(urls).values())
+            total = sum(self._sizes.values())
             self._nominal_batches = total // (data_cfg.batch_size * world_size)
             if self._nominal_batches == 0:
                 raise ConfigError(
@@ -499,7 +500,7 @@ class WdsLoader:
             return self._epoch_limit(self.epoch)
         workers = max(self.num_workers, 1)
         bsz = self.data_cfg.batch_size
-        counts = [(self._eval_sizes[u] if stop is None else stop) - start for u, start, stop in self.eval_pieces]
+        counts = [(self._sizes[u] if stop is None else stop) - start for u, start, stop in self.eval_pieces]
         return sum(-(-sum(counts[w::workers]) // bsz) for w in range(workers))
 
     def _epoch_limit(self, epoch: int) -> int:
@@ -512,7 +513,7 @@ class WdsLoader:
         if self._nominal_batches is not None:
             return self._nominal_batches
         urls = all_urls(self.sources)
-        sizes = shard_sizes(urls)
+        sizes = self._sizes
         urls = epoch_shard_order(urls, self.data_cfg.seed, epoch)
         per_rank = []
         for r in range(self.world_size):
