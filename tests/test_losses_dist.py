@@ -4,6 +4,7 @@ computation over the same global batch (and open_clip's loss agrees)."""
 import os
 import socket
 import time
+import warnings
 
 import pytest
 import torch
@@ -113,6 +114,12 @@ def _worker(rank, port, out_dir):
             dist.all_reduce(p.grad)
             p.grad /= WORLD
         results["trap"] = _grads(model)
+
+        # torch's deprecation notice for the gradient-carrying all_gather is not printed by every rank.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gather_features(torch.ones(B, D, requires_grad=True), rank, WORLD, with_grad=True)
+        results["warnings"] = [str(w.message) for w in caught]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -161,3 +168,9 @@ def test_local_loss_without_grad_gather_gives_wrong_gradient(results):
     _, ref_grads, _, _ = results[0]["infonce_local"]
     trap = results[0]["trap"]
     assert not torch.allclose(trap["audio.weight"], ref_grads["audio.weight"], rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_gradient_carrying_gather_prints_no_deprecation_warning(results):
+    for rank_results in results:
+        assert not any("all_gather" in w for w in rank_results["warnings"]), rank_results["warnings"]
