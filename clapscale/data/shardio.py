@@ -278,7 +278,7 @@ def resume_stream(
                 on_skip(reason, where, detail)
 
         out = sb.run(_samples(urls, report, counter, _Cursor(), True))
-        for n, item in enumerate(out, 1):
+        for n, _ in enumerate(out, 1):
             if n == position:
                 replaying[0] = False
                 yield from out

@@ -183,7 +183,8 @@ def shard_sizes(urls: list[str]) -> dict[str, int]:
     if scanned:
         log.warning("no sizes.json, manifest.json or .idx gives the sample count of %d shard(s) (first: %s); "
                     "counted them by scanning their tar headers. Write a sizes.json beside them "
-                    "({\"name.tar\": samples}) to skip this scan", len(scanned), scanned[0])
+                    "({\"name.tar\": samples}) or run `clapscale shards index DIR` to skip this scan",
+                    len(scanned), scanned[0])
     return out
 
 
