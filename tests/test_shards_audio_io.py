@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -284,3 +285,50 @@ def test_streamed_flac_equals_one_shot_and_holds_one_block(tmp_path):
     out = _peak_rss("len(audio_io.encode_flac_stream(audio_io.iter_audio(PATH)).flac)", PATH=str(path))
     flac_mb = out["result"] / 2**20
     assert out["peak_mb"] < flac_mb + 10, out
+
+
+_MAKE_SHARDS_PROBE = r"""
+import json, resource
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a safety net for the machine
+from clapscale.shards import cli
+
+def high_water_kb():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+
+base = high_water_kb()
+rc = cli.main(["--from-dir", SRC, "--out", OUT, "--workers", "0", "--quiet"])
+print(json.dumps({"rc": rc, "peak_mb": (high_water_kb() - base) / 1024}))
+"""
+
+
+def test_make_shards_rejects_odd_headers_and_keeps_long_files_in_bounded_memory(tmp_path):
+    # The path users take: make_shards over a folder holding a long recording and two damaged
+    # headers (decoding in-process, --workers 0, so this process's high-water mark is the cost).
+    import json
+    import subprocess
+    import sys
+    import tarfile
+
+    src = tmp_path / "src" / "field_recordings"
+    src.mkdir(parents=True)
+    _long_wav(src / "long_walk.wav", 180)
+    _wav_with_header_rate(src / "one_hertz.wav", 1, seconds_at_48k=0.05)
+    _wav_with_header_rate(src / "five_megahertz.wav", 5000011)
+    code = _MAKE_SHARDS_PROBE.replace("SRC", repr(str(tmp_path / "src"))).replace("OUT", repr(str(tmp_path / "out")))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rc"] == 0
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
+    assert sorted((Path(r["path"]).name, r["code"]) for r in rejects) == [
+        ("five_megahertz.wav", "bad_sample_rate"), ("one_hertz.wav", "bad_sample_rate")], rejects
+    (tar,) = (tmp_path / "out" / "train").glob("*.tar")
+    with tarfile.open(tar) as tf:
+        members = {m.name.rsplit(".", 1)[1]: m for m in tf}
+        meta = json.loads(tf.extractfile(members["json"]).read())
+    assert meta["duration"] == 180.0
+    # 3 minutes at 48 kHz are 35 MB as float32; what is held is the compressed member (and its copy
+    # in the tar buffer), not the PCM.
+    flac_mb = members["flac"].size / 2**20
+    assert out["peak_mb"] < 2 * flac_mb + 15, (out, flac_mb)

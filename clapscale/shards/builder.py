@@ -54,7 +54,7 @@ import numpy as np
 import soundfile as sf
 
 from clapscale.shards import synthetic
-from clapscale.shards.audio_io import SAMPLE_RATE, AudioDecodeError, load_audio
+from clapscale.shards.audio_io import SAMPLE_RATE, AudioDecodeError, EncodedAudio, encode_flac_stream, iter_audio
 from clapscale.shards.sources import Item, assign_keys
 from clapscale.shards.writer import (
     EncodedSample, ShardInfo, encode_record, shard_name, update_manifest, write_json, write_shard,
@@ -125,10 +125,10 @@ class BuildSummary:
 
 # ----------------------------------------------------------------------------- per clip (worker side)
 
-def _check_audio(audio: np.ndarray) -> tuple[str, str] | None:
-    if audio.size < MIN_SECONDS * SAMPLE_RATE:
-        return "too_short", f"too short: {audio.size / SAMPLE_RATE:.3f} s (minimum {MIN_SECONDS} s)"
-    peak = float(np.max(np.abs(audio)))
+def _check_audio(audio: EncodedAudio) -> tuple[str, str] | None:
+    if audio.samples < MIN_SECONDS * SAMPLE_RATE:
+        return "too_short", f"too short: {audio.samples / SAMPLE_RATE:.3f} s (minimum {MIN_SECONDS} s)"
+    peak = audio.peak
     if peak < SILENCE_PEAK:
         return "silent", f"all-silent: peak {20 * np.log10(max(peak, 1e-12)):.1f} dBFS after downmix to mono"
     return None
@@ -147,8 +147,10 @@ def build_sample(index: int, item: Item, max_seconds: float | None) -> Outcome:
                 record["audio"] = record["audio"][: int(max_seconds * SAMPLE_RATE)]
                 record["events"] = [{**e, "end": min(e["end"], max_seconds)} for e in record["events"]
                                     if e["start"] < max_seconds]
+            record["audio"] = encode_flac_stream([record["audio"]])
         else:
-            audio = load_audio(item.path, SAMPLE_RATE, max_seconds)
+            # Decoded, resampled and encoded in blocks: a clip costs its FLAC bytes, whatever its length.
+            audio = encode_flac_stream(iter_audio(item.path, SAMPLE_RATE, max_seconds))
             if max_seconds is not None:
                 info = sf.info(item.path)
                 if info.duration > max_seconds:

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from clapscale.shards.audio_io import SAMPLE_RATE, content_hash, encode_flac, quantize
+from clapscale.shards.audio_io import SAMPLE_RATE, EncodedAudio, encode_flac_stream
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 MANIFEST_NAME = "manifest.json"
@@ -84,15 +84,22 @@ def _check_text(value: Any, key: str) -> list[str]:
 def encode_record(record: Mapping[str, Any], split: str) -> EncodedSample:
     """Turn a record dict into an ``EncodedSample``.
 
-    ``record``: ``key`` (str, no dots), ``audio`` (float32 mono 48 kHz, shape ``(n,)``), ``text``
+    ``record``: ``key`` (str, no dots), ``audio`` (float32 mono 48 kHz, shape ``(n,)``, or an
+    ``EncodedAudio`` that make_shards encoded while decoding, so a long clip's PCM is never held
+    whole), ``text``
     (list of captions), optional ``tag`` (list of labels), ``source``, ``original``, ``licence`` and
     any other JSON-serialisable fields, which are stored as given. ``duration``, ``sample_rate``,
     ``split`` and ``content_hash`` are computed here.
     """
     key = check_key(record.get("key"))
-    audio = np.asarray(record["audio"], dtype=np.float32)
-    if audio.ndim != 1 or audio.size == 0:
-        raise ValueError(f"sample {key!r}: audio must be a non-empty mono (n,) array, got shape {audio.shape}")
+    audio = record["audio"]
+    if not isinstance(audio, EncodedAudio):
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1 or audio.size == 0:
+            raise ValueError(f"sample {key!r}: audio must be a non-empty mono (n,) array, got shape {audio.shape}")
+        audio = encode_flac_stream([audio], SAMPLE_RATE)
+    if audio.samples == 0:
+        raise ValueError(f"sample {key!r}: audio must be non-empty")
     meta: dict[str, Any] = {k: v for k, v in record.items() if k not in _RESERVED}
     meta["text"] = _check_text(record.get("text"), key)
     tags = record.get("tag", [])
@@ -102,11 +109,10 @@ def encode_record(record: Mapping[str, Any], split: str) -> EncodedSample:
     meta.setdefault("source", "unknown")
     meta.setdefault("original", key)
     meta["split"] = split
-    meta["duration"] = audio.size / SAMPLE_RATE
+    meta["duration"] = audio.samples / SAMPLE_RATE
     meta["sample_rate"] = SAMPLE_RATE
-    pcm = quantize(audio)
-    meta["content_hash"] = content_hash(pcm)
-    return EncodedSample(key=key, flac=encode_flac(pcm, SAMPLE_RATE), meta=meta)
+    meta["content_hash"] = audio.content_hash
+    return EncodedSample(key=key, flac=audio.flac, meta=meta)
 
 
 def _tar_header(name: str, size: int) -> bytes:
