@@ -165,3 +165,28 @@ def test_rerun_of_a_shuffled_folder_with_rejected_units_is_byte_identical(tmp_pa
     keys = _keys(out)
     assert len(keys) == len(set(keys)) == 8
     assert verify_shards(out).ok
+
+
+def test_a_build_started_before_shuffling_existed_is_finished_with_no_shuffle(tmp_path, capsys):
+    """A half-built OUT whose plan.json has no shuffle seed (written by the unshuffled make_shards) is
+    refused with a hint, and --no-shuffle finishes it exactly as that version would have."""
+    import numpy as np
+
+    src = tmp_path / "src"
+    src.mkdir()
+    t = np.arange(9600) / 48000
+    for i in range(6):
+        sf.write(src / f"tone_{i}.wav", 0.3 * np.sin(2 * np.pi * (300 + 120 * i) * t), 48000)
+    ref, out = tmp_path / "ref", tmp_path / "out"
+    args = ["--from-dir", str(src), "--shard-size", "2", "--quiet", "--no-shuffle"]
+    assert make_shards([*args, "--out", str(ref)]) == 0
+    assert make_shards([*args, "--out", str(out)]) == 0
+    plan_path = out / ".make_shards" / "train" / "plan.json"
+    plan = json.loads(plan_path.read_text())
+    del plan["shuffle_seed"]  # the plan as the earlier version wrote it
+    plan_path.write_text(json.dumps(plan))
+    (out / ".make_shards" / "train" / "000002.done.json").unlink()
+    assert make_shards([*args[:-1], "--out", str(out)]) == 2
+    assert "add --no-shuffle to finish it" in capsys.readouterr().err
+    assert make_shards([*args, "--out", str(out)]) == 0
+    assert _shards(out) == _shards(ref)

@@ -312,9 +312,12 @@ def _prepare_split(out: Path, split: str, items: list[Item], opts: BuildOptions,
     if plan_path.exists():
         plan = json.loads(plan_path.read_text())
         if plan.get("fingerprint") != fp:
+            # Plans written before make_shards shuffled carry no seed: their units are in source order.
+            hint = ("; it was started by a make_shards that did not shuffle: add --no-shuffle to finish it"
+                    if "shuffle_seed" not in plan and shuffle_seed is not None else "")
             raise BuildError(
                 f"{out}/{split} was started with different inputs or options (plan fingerprint differs); "
-                f"rerun the original command to finish it, or use another --out"
+                f"rerun the original command to finish it, or use another --out{hint}"
             )
     else:
         if any((out / split).glob("*.tar")):
