@@ -238,6 +238,25 @@ class Clap:
 
         At least two labels: a softmax over one label is 1 for every clip, whatever it holds.
         """
+        label_emb = self._zero_shot_labels(labels, templates)
+        emb = self.embed_audio(audio, sample_rate=sample_rate, batch_size=batch_size, progress=progress)
+        return self._probabilities(emb, label_emb)
+
+    def zero_shot_files(
+        self,
+        files: Sequence[str | Path],
+        labels: Sequence[str],
+        templates: Sequence[str] | None = None,
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> tuple[Tensor, dict[int, str]]:
+        """:meth:`zero_shot` over audio files, carrying on past the ones that cannot be read: their
+        rows are NaN and ``{index: reason}`` lists them (see :meth:`embed_audio_files`)."""
+        label_emb = self._zero_shot_labels(labels, templates)
+        emb, failures = self.embed_audio_files(files, batch_size=batch_size, progress=progress)
+        return self._probabilities(emb, label_emb), failures
+
+    def _zero_shot_labels(self, labels: Sequence[str], templates: Sequence[str] | None) -> Tensor:
         labels = check_labels(labels)
         if len(labels) < 2:
             raise InferenceError(
@@ -245,10 +264,11 @@ class Clap:
                 "so a single label gets 1.000 for any audio. Add the alternatives it should be told apart from "
                 "(e.g. dog,cat,rain), or compare embeddings (embed_audio / embed_text) by cosine similarity"
             )
-        label_emb = self.label_embeddings(labels, templates)
-        emb = self.embed_audio(audio, sample_rate=sample_rate, batch_size=batch_size, progress=progress)
-        with torch.inference_mode():
-            scale = self.model.scale().float().cpu()
+        return self.label_embeddings(labels, templates)
+
+    @torch.inference_mode()
+    def _probabilities(self, emb: Tensor, label_emb: Tensor) -> Tensor:
+        scale = self.model.scale().float().cpu()
         return torch.softmax(scale * emb @ label_emb.T, dim=1)
 
 

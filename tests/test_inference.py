@@ -214,3 +214,14 @@ def test_embed_cli_embeds_the_good_files_and_lists_the_bad(models, files, tmp_pa
     assert "3 of 6 file(s) could not be embedded" in err
     # All good: exit 0.
     assert embed_main(["--checkpoint", str(models["plain"]), *good, "--out", str(out)]) == 0
+    capsys.readouterr()
+    # zeroshot likewise: the good files are classified (as when given alone), the bad ones listed.
+    table = tmp_path / "zs.json"
+    assert zeroshot_main(["--checkpoint", str(models["plain"]), "--labels", "rain,siren,dog", *given,
+                          "--out", str(table)]) == 1
+    printed = capsys.readouterr()
+    assert [line.split(":")[0] for line in printed.out.splitlines()] == good
+    assert len([line for line in printed.err.splitlines() if line.startswith("FAILED ")]) == 3
+    alone = clap.zero_shot(good, ["rain", "siren", "dog"])
+    got = json.loads(table.read_text())
+    np.testing.assert_allclose([list(got[f].values()) for f in good], alone.numpy(), atol=1e-6)

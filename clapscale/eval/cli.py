@@ -235,28 +235,22 @@ def embed_main(argv: list[str]) -> int:
     return 0
 
 
-def _check_files(files: list[str]) -> None:
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} audio file(s) not found: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
-        )
-
-
 # ---------------------------------------------------------------------------------- zeroshot
 
 
 def zeroshot_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="clapscale zeroshot",
-        description="Zero-shot classify audio files against labels: prints the top labels with probabilities.",
+        description="Zero-shot classify audio files against labels (at least two): prints the top labels with "
+        "probabilities. A file that cannot be read is listed on stderr with the reason and the others are "
+        "still classified; the exit code is then 1.",
     )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--labels", required=True, help="a,b,c or @file (one label per line)")
     p.add_argument("files", nargs="+", help="audio files")
     p.add_argument("--template", action="append", help="prompt with {label}; repeat to ensemble")
     p.add_argument("--top", type=int, default=3, help="labels shown per file")
-    p.add_argument("--out", help="also write {file: {label: probability}} as JSON")
+    p.add_argument("--out", help="also write {file: {label: probability}} as JSON (files that were read)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device")
     args = p.parse_args(argv)
@@ -274,17 +268,23 @@ def zeroshot_main(argv: list[str]) -> int:
             )
         if args.out:
             check_writable(args.out, "--out")
-        _check_files(args.files)
         clap = load(args.checkpoint, device=_device(args.device))
-        probs = clap.zero_shot(args.files, labels, templates=args.template, batch_size=args.batch_size,
-                               progress=len(args.files) > 1)
+        probs, failures = clap.zero_shot_files(args.files, labels, templates=args.template,
+                                               batch_size=args.batch_size, progress=len(args.files) > 1)
     except (ValueError, FileNotFoundError) as e:
         return _fail("zeroshot", e)
     table = {}
-    for f, row in zip(args.files, probs):
+    for i, (f, row) in enumerate(zip(args.files, probs)):
+        if i in failures:
+            print(f"FAILED {f}: {failures[i]}", file=sys.stderr)
+            continue
         order = torch.argsort(row, descending=True, stable=True)[: max(1, args.top)]
         print(f"{f}: " + ", ".join(f"{labels[j]} {row[j]:.3f}" for j in order.tolist()))
         table[f] = {lab: float(row[j]) for j, lab in enumerate(labels)}
     if args.out:
         Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
+    if failures:
+        print(f"clapscale zeroshot: {len(failures)} of {len(args.files)} file(s) could not be read (listed above)",
+              file=sys.stderr)
+        return 1
     return 0
