@@ -12,6 +12,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 
 from clapscale.shards.cli import main as make_shards
@@ -54,14 +55,31 @@ def _assert_final_tars_whole(out: Path) -> None:
         assert tar_path.with_suffix(".idx").exists()
 
 
-def test_kill_9_then_rerun_completes_every_clip_exactly_once(tmp_path):
+def _folder_args(tmp_path: Path) -> list[str]:
+    """A folder source (shuffled by make_shards, unlike the synthetic corpus) of 60 clips that need
+    resampling and downmixing, so that a build takes long enough to be interrupted."""
+    import numpy as np
+
+    src = tmp_path / "src"
+    t = np.arange(44100) / 44100
+    for c in range(6):
+        (src / f"class_{'abcdef'[c]}").mkdir(parents=True)
+        for k in range(10):
+            x = 0.3 * np.sin(2 * np.pi * (200 + 60 * c + 5 * k) * t)
+            sf.write(src / f"class_{'abcdef'[c]}" / f"take_{k}.wav", np.stack([x, x], axis=1), 44100)
+    return ["--from-dir", str(src), "--shard-size", "4", "--quiet"]
+
+
+@pytest.mark.parametrize("source", ["synthetic", "folder"])
+def test_kill_9_then_rerun_completes_every_clip_exactly_once(tmp_path, source):
+    args = ARGS if source == "synthetic" else _folder_args(tmp_path)
     ref = tmp_path / "ref"
-    assert make_shards([*ARGS, "--out", str(ref)]) == 0
+    assert make_shards([*args, "--out", str(ref)]) == 0
     want = _shards(ref)
     total_units = sum(len(v) for v in want.values())
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(TOOL), *ARGS, "--workers", "2", "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, str(TOOL), *args, "--workers", "2", "--out", str(out)],
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / ".make_shards" / "train"
     deadline = time.monotonic() + 60
@@ -86,7 +104,7 @@ def test_kill_9_then_rerun_completes_every_clip_exactly_once(tmp_path):
     _assert_final_tars_whole(out)
     assert not (out / "manifest.json").exists()
 
-    assert make_shards([*ARGS, "--workers", "2", "--out", str(out)]) == 0
+    assert make_shards([*args, "--workers", "2", "--out", str(out)]) == 0
     assert _shards(out) == want  # byte-identical shards, same names and counts
     keys = _keys(out)
     assert len(keys) == len(set(keys)) == 60
