@@ -142,3 +142,15 @@ def test_bugs_keep_their_traceback_and_debug_shows_user_errors(capsys, monkeypat
         cli_main(["models", "--audio", "bogus"])
     monkeypatch.setenv("CLAPSCALE_DEBUG", "0")
     assert cli_main(["models", "--audio", "bogus"]) == EXIT_USER_ERROR
+
+
+@pytest.mark.parametrize("entry", [["-m", "clapscale.cli", "shards"], ["tools/make_shards.py"]])
+def test_make_shards_unwritable_out_is_one_line(tmp_path, entry):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run([sys.executable, *entry, "--synthetic", "10", "--out", str(blocker / "shards"), "--quiet"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_USER_ERROR, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert str(blocker) in line and "Not a directory" in line, line
