@@ -297,7 +297,7 @@ def high_water_kb():
         return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
 
 base = high_water_kb()
-rc = cli.main(["--from-dir", SRC, "--out", OUT, "--workers", "0", "--quiet"])
+rc = cli.main(ARGS)
 print(json.dumps({"rc": rc, "peak_mb": (high_water_kb() - base) / 1024}))
 """
 
@@ -315,10 +315,13 @@ def test_make_shards_rejects_odd_headers_and_keeps_long_files_in_bounded_memory(
     _long_wav(src / "long_walk.wav", 180)
     _wav_with_header_rate(src / "one_hertz.wav", 1, seconds_at_48k=0.05)
     _wav_with_header_rate(src / "five_megahertz.wav", 5000011)
-    code = _MAKE_SHARDS_PROBE.replace("SRC", repr(str(tmp_path / "src"))).replace("OUT", repr(str(tmp_path / "out")))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    def make_shards(*args: str) -> dict:
+        code = _MAKE_SHARDS_PROBE.replace("ARGS", repr([*args, "--workers", "0"]))
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    out = make_shards("--from-dir", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--quiet")
     assert out["rc"] == 0
     rejects = [json.loads(line) for line in (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()]
     assert sorted((Path(r["path"]).name, r["code"]) for r in rejects) == [
@@ -332,3 +335,7 @@ def test_make_shards_rejects_odd_headers_and_keeps_long_files_in_bounded_memory(
     # in the tar buffer), not the PCM.
     flac_mb = members["flac"].size / 2**20
     assert out["peak_mb"] < 2 * flac_mb + 15, (out, flac_mb)
+    # --verify reads each tar whole but decodes and hashes the clip in blocks.
+    verified = make_shards("--verify", str(tmp_path / "out"))
+    assert verified["rc"] == 0
+    assert verified["peak_mb"] < 2 * tar.stat().st_size / 2**20 + 10, verified

@@ -122,16 +122,20 @@ def verify_tar(tar_path: Path, split: str, expected: dict[str, Any] | None) -> t
         if meta is not None:
             problems += _check_meta(where, meta, split)
         try:
+            # Decoded and hashed in blocks: a long clip never has its whole PCM in memory.
+            digest, frames = hashlib.sha256(), 0
             with sf.SoundFile(io.BytesIO(flac)) as f:
                 fmt = (f.format, f.subtype, f.samplerate, f.channels)
-                pcm = f.read(dtype="int16")
+                for block in f.blocks(blocksize=_BLOCK_FRAMES, dtype="int16"):
+                    digest.update(block.astype("<i2").tobytes())
+                    frames += block.shape[0]
             if fmt != ("FLAC", "PCM_16", SAMPLE_RATE, 1):
                 problems.append(f"{where}: audio is {fmt}, expected ('FLAC', 'PCM_16', {SAMPLE_RATE}, 1)")
-            seconds += pcm.shape[0] / SAMPLE_RATE
+            seconds += frames / SAMPLE_RATE
             if isinstance(meta, dict):
-                if abs(pcm.shape[0] / SAMPLE_RATE - float(meta.get("duration") or 0)) > 1e-3:
-                    problems.append(f"{where}: FLAC holds {pcm.shape[0] / SAMPLE_RATE:.4f} s but JSON duration is {meta.get('duration')}")
-                if hashlib.sha256(pcm.astype("<i2").tobytes()).hexdigest() != meta.get("content_hash"):
+                if abs(frames / SAMPLE_RATE - float(meta.get("duration") or 0)) > 1e-3:
+                    problems.append(f"{where}: FLAC holds {frames / SAMPLE_RATE:.4f} s but JSON duration is {meta.get('duration')}")
+                if digest.hexdigest() != meta.get("content_hash"):
                     problems.append(f"{where}: decoded PCM does not match content_hash")
         except (sf.LibsndfileError, RuntimeError) as exc:
             problems.append(f"{where}: FLAC does not decode ({exc})")
