@@ -154,3 +154,18 @@ def test_make_shards_unwritable_out_is_one_line(tmp_path, entry):
     assert "Traceback" not in proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert str(blocker) in line and "Not a directory" in line, line
+
+
+def test_train_module_entry_blocked_out_dir_is_one_line(tmp_path):
+    # `python -m clapscale.train.cli` is what torchrun and launch/pretrain.sh (srun) start.
+    from clapscale.shards.synthetic import generate
+    from clapscale.shards.writer import write_shards
+
+    (tar,) = write_shards(generate("train", 4), tmp_path / "sh", split="train", shard_size=8)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = subprocess.run(
+        [sys.executable, "-m", "clapscale.train.cli", "configs/tiny.yaml", f"data.train={tar}", f"data.val={tar}",
+         "data.batch_size=2", "data.workers=0", "train.steps=1", f"train.out_dir={blocker / 'runs'}"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    _assert_user_error(proc, str(blocker), "Not a directory")

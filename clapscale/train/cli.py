@@ -69,4 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # torchrun / srun start this module directly: the same user-error rule as `clapscale train`.
+    from clapscale.errors import debug_enabled, run_command
+
+    sys.exit(run_command("clapscale train", main, sys.argv[1:], debug=debug_enabled()))
