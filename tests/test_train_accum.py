@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clapscale.losses import ClipLoss, SoftLabelClipLoss
-from clapscale.train.loop import accumulated_backward
+from clapscale.train.gradcache import accumulated_backward
 from test_inference import _tiny_text_dir
 
 

@@ -77,7 +77,7 @@ def test_resolve_skips_partial_and_picks_newest(tmp_path):
 
 def test_soft_label_teacher_must_read_the_students_inputs():
     from clapscale.config import ConfigError, load_config
-    from clapscale.train.loop import check_teacher
+    from clapscale.train.teacher import check_teacher
 
     student = load_config("configs/tiny.yaml", ["loss.kind=soft_label", "loss.teacher=runs/t/model"])
     check_teacher(student, load_config("configs/tiny.yaml", ["audio.max_seconds=30"]))  # crop bound: fine

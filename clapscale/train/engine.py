@@ -13,6 +13,7 @@ two parameter groups: weight decay on weight matrices, none on norms, biases and
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -144,6 +145,56 @@ def follow_configured_schedule(engine, cfg: Config) -> dict[str, Any] | None:
         group["initial_lr"] = cfg.optim.lr
     scheduler._last_lr = rates
     return previous if previous != vars(wanted) else None
+
+
+def init_distributed(backend: str) -> None:
+    """Let DeepSpeed adopt the process group already joined (``distributed.init_process_group``)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def optimizer_step(engine, zero_stage: int) -> float | None:
+    """``engine.step()`` (clipping, ZeRO reduction, AdamW, LR schedule at the accumulation boundary).
+
+    Returns the global gradient norm measured before the step where DeepSpeed does not report
+    one, else None (``global_grad_norm`` combines both). DeepSpeed reports the (pre-clipping)
+    norm for ZeRO 1-3 and bf16, not for ZeRO-0 in fp32 / fp16: there the gradients are whole and
+    already averaged over ranks after the boundary backward, so they are measured the same way.
+    """
+    measured = None
+    if zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        if grads:
+            measured = float(torch.linalg.vector_norm(torch.stack(grads)))
+    engine.step()
+    return measured
+
+
+def global_grad_norm(engine, measured: float | None) -> float:
+    """The last step's global gradient norm: DeepSpeed's, else ``measured`` (NaN when neither)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan") if measured is None else measured
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def current_lr(engine) -> float:
+    """The rate the next optimizer step uses (the optimizer's own parameter-group rate)."""
+    return float(engine.get_lr()[0])
+
+
+def logit_scale(engine, max_logit_scale: float) -> float:
+    """The model's 1 / temperature as its forward uses it (clamped), from the fp32 master copy.
+
+    Collective under ZeRO (the master copy is partitioned): every rank calls it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    p = engine.module.logit_scale
+    full = safe_get_full_fp32_param(p) if p.requires_grad else None
+    log_scale = float((full if full is not None else p).detach().float().reshape(-1)[0])
+    return math.exp(min(log_scale, math.log(max_logit_scale)))
 
 
 def _lift_scalar_parameters(model: nn.Module) -> None:

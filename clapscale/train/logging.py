@@ -11,8 +11,32 @@ steps, eval metrics under ``eval/``, and the resolved config as text at start-up
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+
+class ThroughputWindow:
+    """Samples per second and the fraction of time spent waiting for data, since the last read.
+
+    ``waited(seconds)`` after each wait for batches, ``stepped()`` after each optimizer step,
+    ``read(samples_per_step)`` returns the window's figures and starts a new window.
+    """
+
+    def __init__(self) -> None:
+        self._start, self._wait, self._steps = time.perf_counter(), 0.0, 0
+
+    def waited(self, seconds: float) -> None:
+        self._wait += seconds
+
+    def stepped(self) -> None:
+        self._steps += 1
+
+    def read(self, samples_per_step: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        figures = {"samples_per_s": self._steps * samples_per_step / elapsed, "data_wait_fraction": self._wait / elapsed}
+        self._start, self._wait, self._steps = time.perf_counter(), 0.0, 0
+        return figures
 
 
 class RunLogger:
