@@ -225,3 +225,11 @@ def test_embed_cli_embeds_the_good_files_and_lists_the_bad(models, files, tmp_pa
     alone = clap.zero_shot(good, ["rain", "siren", "dog"])
     got = json.loads(table.read_text())
     np.testing.assert_allclose([list(got[f].values()) for f in good], alone.numpy(), atol=1e-6)
+
+
+def test_eval_cli_refuses_a_single_label(models, capsys):
+    from clapscale.eval.cli import eval_main
+
+    assert eval_main(["--checkpoint", str(models["plain"]), "--shards", "unused.tar", "--task", "zeroshot",
+                      "--labels", "dog"]) == 2
+    assert "--labels dog: give at least two labels" in capsys.readouterr().err

@@ -138,7 +138,12 @@ def eval_main(argv: list[str]) -> int:
         tasks = _split_labels(args.task or "retrieval,zeroshot")
         labels = _read_labels(args.labels)
         if labels is not None and not labels:
-            raise ValueError("--labels is empty: give at least one label, e.g. --labels dog,rain")
+            raise ValueError("--labels is empty: give at least two labels, e.g. --labels dog,rain")
+        if labels is not None and len(labels) == 1:
+            raise ValueError(
+                f"--labels {labels[0]}: give at least two labels, e.g. --labels dog,rain (zero-shot picks among "
+                "them, so with one label every clip is counted right)"
+            )
         from clapscale.models.loading import load_trained_model
 
         if args.out:
