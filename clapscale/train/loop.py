@@ -152,7 +152,8 @@ class Trainer:
     def _forward(self, inputs: dict[str, torch.Tensor]) -> Features:
         return self.engine(inputs["mel"].to(self.dtype), inputs["is_longer"], inputs["input_ids"], inputs["attention_mask"])
 
-    def _loss(self, audio, text, scale, teacher) -> torch.Tensor:
+    def _loss(self, audio: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
+              teacher: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if isinstance(self.loss_fn, SoftLabelClipLoss):
             # Without a teacher checkpoint the model itself, detached, provides the soft labels.
             ta, tt = teacher if teacher is not None else (audio.detach(), text.detach())
