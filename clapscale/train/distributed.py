@@ -17,6 +17,7 @@ import datetime
 import os
 import re
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,23 +170,32 @@ def describe_peer_failure(denv: DistEnv, error: BaseException, wait_s: float = 1
 
     Every surviving rank checks in under a key of the rendezvous store and waits up to
     ``wait_s`` for the others; ranks missing then are dead or hung. When the store itself is gone
-    (it lives in rank 0's process outside torchrun) rank 0 is the one to look at.
+    (it lives in rank 0's process unless torchrun's agent hosts it) rank 0 is the one to look at.
     """
     base = f"rank {denv.rank}: a collective operation failed ({type(error).__name__}: {str(error).strip()[:300]})"
     if _STORE is None or denv.world_size == 1:
         return base
     peers = [r for r in range(denv.world_size) if r != denv.rank]
-    try:
-        _STORE.set_timeout(datetime.timedelta(seconds=wait_s))
-        _STORE.set(f"clapscale/alive/{denv.rank}", "1")
-        deadline = time.monotonic() + wait_s
-        missing = peers
-        while missing and time.monotonic() < deadline:
-            missing = [r for r in peers if not _STORE.check([f"clapscale/alive/{r}"])]
-            time.sleep(0.2)
-    except (RuntimeError, OSError) as e:  # torch's DistError family: the store's failure is the finding
-        return (f"{base}; the rendezvous store at {denv.master_addr}:{denv.master_port} does not answer "
-                f"either ({type(e).__name__}), so rank 0, which hosts it, died or hangs")
+    answered: list[int] = []
+
+    def roll_call() -> None:
+        try:
+            _STORE.set(f"clapscale/alive/{denv.rank}", "1")
+            deadline = time.monotonic() + wait_s
+            pending = list(peers)
+            while pending and time.monotonic() < deadline:
+                for r in [r for r in pending if _STORE.check([f"clapscale/alive/{r}"])]:
+                    answered.append(r)
+                    pending.remove(r)
+                time.sleep(0.2)
+        except (RuntimeError, OSError):  # the store's host died: whoever has not answered is missing
+            return
+
+    # In a daemon thread: a store whose host is stopped blocks its client without a timeout.
+    caller = threading.Thread(target=roll_call, daemon=True)
+    caller.start()
+    caller.join(wait_s + 2.0)
+    missing = [r for r in peers if r not in answered]
     if not missing:
         return f"{base}; every other rank still answers, so the failure is a timeout or a network fault"
     names = ", ".join(str(r) for r in missing)
