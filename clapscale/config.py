@@ -181,7 +181,9 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "infonce"  # infonce | soft_label
+    # infonce | duplicate_aware (identical captions in a batch are positives, not negatives:
+    # for path / template captions that repeat) | soft_label
+    kind: str = "infonce"
     # Each rank scores its own rows against all gathered columns: memory O(b x N).
     local_loss: bool = True
     # all_gather that carries gradient back to the owning rank. local_loss without it is refused.
@@ -198,7 +200,7 @@ class LossConfig:
     teacher: str = ""
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.kind", self.kind, ("infonce", "soft_label"))
+        _choice(f"{path}.kind", self.kind, ("infonce", "duplicate_aware", "soft_label"))
         if self.local_loss and not self.gather_with_grad:
             raise ConfigError(
                 f"{path}.local_loss=true with {path}.gather_with_grad=false trains with a silently "

@@ -268,8 +268,10 @@ def build_loss(cfg_loss, rank: int = 0, world_size: int = 1) -> nn.Module:
     )
     if cfg_loss.kind == "infonce":
         return ClipLoss(**common)
+    if cfg_loss.kind == "duplicate_aware":
+        return DuplicateAwareClipLoss(**common)
     if cfg_loss.kind == "soft_label":
         return SoftLabelClipLoss(
             beta=cfg_loss.soft_label_beta, temperature=cfg_loss.soft_label_temperature, **common
         )
-    raise ValueError(f"loss.kind={cfg_loss.kind!r} is not one of 'infonce', 'soft_label'")
+    raise ValueError(f"loss.kind={cfg_loss.kind!r} is not one of 'infonce', 'duplicate_aware', 'soft_label'")

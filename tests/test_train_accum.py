@@ -127,12 +127,15 @@ def _engine_data(clip_samples):
             "is_longer": torch.zeros(GLOBAL_ROWS, dtype=torch.bool),
             "input_ids": ids,
             "attention_mask": mask,
+            # Repeated captions (within and across the halves that micro-batches / ranks take),
+            # read only by loss.kind=duplicate_aware.
+            "texts": ["wolf hit", "horse", "wolf hit", "rain", "door", "horse", "bell", "wolf hit"],
         })
     return steps
 
 
 def _engine_worker(rank, world, port, cfg, runs, out_dir):
-    """Train each run of ``runs`` (name -> (zero_stage, grad_accum)) ``ENGINE_STEPS`` steps on fixed batches."""
+    """Train each run of ``runs`` (name -> (zero_stage, grad_accum, loss kind)) ``ENGINE_STEPS`` steps on fixed batches."""
     from deepspeed.utils import safe_get_full_grad
 
     from clapscale.train.distributed import DistEnv
@@ -144,9 +147,10 @@ def _engine_worker(rank, world, port, cfg, runs, out_dir):
     data = _engine_data(cfg.audio.clip_samples)
     per_rank = GLOBAL_ROWS // world
     results = {}
-    for name, (zero_stage, accum) in runs.items():
+    for name, (zero_stage, accum, loss_kind) in runs.items():
         run_cfg = dataclasses.replace(
             cfg,
+            loss=dataclasses.replace(cfg.loss, kind=loss_kind),
             data=dataclasses.replace(cfg.data, batch_size=per_rank // accum),
             train=dataclasses.replace(cfg.train, grad_accum=accum, zero_stage=zero_stage, name=name),
         )
@@ -163,6 +167,10 @@ def _engine_worker(rank, world, port, cfg, runs, out_dir):
             engine_step()
 
         trainer._engine_step = recording_step
+        seen_groups = []
+        if loss_kind == "duplicate_aware":  # record the caption groups the trainer hands the loss
+            loss_forward = trainer.loss_fn.forward
+            trainer.loss_fn.forward = lambda a, t, s, g, f=loss_forward: (seen_groups.append(g.clone()), f(a, t, s, g))[1]
         losses, norms = [], []
         for batch in data:
             mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
@@ -173,7 +181,7 @@ def _engine_worker(rank, world, port, cfg, runs, out_dir):
             losses.append(trainer._mean_over_ranks(loss))
             norms.append(trainer._global_grad_norm())
         assert engine.global_steps == ENGINE_STEPS, (name, engine.global_steps)
-        results[name] = {"losses": losses, "grad_norms": norms, "grads": grads,
+        results[name] = {"losses": losses, "grad_norms": norms, "grads": grads, "groups": seen_groups,
                          "params": full_fp32_state_dict(engine)}
         trainer.log.close()
     torch.save(results, os.path.join(out_dir, f"{world}_{rank}.pt"))
@@ -219,7 +227,9 @@ def _engine_runs(cfg, root, world):
     if world not in _ENGINE_RESULTS:
         out = root / f"out_w{world}"
         out.mkdir()
-        runs = {f"z{z}_a{a}": (z, a) for z in _ENGINE_STAGES[world] for a in (1, 2)}
+        runs = {f"z{z}_a{a}": (z, a, "infonce") for z in _ENGINE_STAGES[world] for a in (1, 2)}
+        if world == 1:
+            runs.update({f"dup_a{a}": (1, a, "duplicate_aware") for a in (1, 2)})
         mp.spawn(_engine_worker, args=(world, _free_port(), cfg, runs, str(out)), nprocs=world, join=True)
         _ENGINE_RESULTS[world] = torch.load(out / f"{world}_0.pt", weights_only=False)
     return _ENGINE_RESULTS[world]
@@ -249,6 +259,22 @@ def test_engine_accumulation_equals_one_big_batch(engine_cfg, zero_stage):
     assert "audio_projection.linear1.weight" in want["grads"][0]
     assert not any(n.startswith("audio_tower.") for n in want["grads"][0])
     _assert_same_update(res[f"z{zero_stage}_a2"], want, f"zero {zero_stage}, grad_accum=2 vs 1")
+
+
+def test_engine_duplicate_aware_loss_reads_the_batch_captions(engine_cfg):
+    # loss.kind=duplicate_aware through the trainer's own step: the captions reach the loss in row
+    # order, whole accumulated batch at once, and accumulation over 2 micro-batches makes the same
+    # update as one batch.
+    from clapscale.losses import caption_groups
+
+    cfg, root = engine_cfg
+    res = _engine_runs(cfg, root, 1)
+    texts = _engine_data(cfg.audio.clip_samples)[0]["texts"]
+    for run in ("dup_a1", "dup_a2"):
+        assert len(res[run]["groups"]) == ENGINE_STEPS
+        for groups in res[run]["groups"]:
+            assert torch.equal(groups, caption_groups(texts))
+    _assert_same_update(res["dup_a2"], res["dup_a1"], "duplicate_aware, grad_accum=2 vs 1")
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from clapscale.config import Config
-from clapscale.losses import SoftLabelClipLoss, build_loss
+from clapscale.losses import DuplicateAwareClipLoss, SoftLabelClipLoss, build_loss, caption_groups
 from clapscale.train import engine as engines
 from clapscale.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from clapscale.train.distributed import DistEnv, device_for, discover, init_process_group
@@ -153,11 +153,13 @@ class Trainer:
         return self.engine(inputs["mel"].to(self.dtype), inputs["is_longer"], inputs["input_ids"], inputs["attention_mask"])
 
     def _loss(self, audio: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
-              teacher: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+              teacher: tuple[torch.Tensor, torch.Tensor] | None, captions: list[str]) -> torch.Tensor:
         if isinstance(self.loss_fn, SoftLabelClipLoss):
             # Without a teacher checkpoint the model itself, detached, provides the soft labels.
             ta, tt = teacher if teacher is not None else (audio.detach(), text.detach())
             return self.loss_fn(audio, text, scale, ta, tt)
+        if isinstance(self.loss_fn, DuplicateAwareClipLoss):
+            return self.loss_fn(audio, text, scale, caption_groups(captions).to(audio.device))
         return self.loss_fn(audio, text, scale)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -172,9 +174,10 @@ class Trainer:
     def _step(self, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, bool]:
         micro = [self._prepare(b) for b in batches]
         teacher = teacher_features(self.teacher, micro) if self.teacher is not None else None
+        captions = [c for b in batches for c in b.get("texts", ())]  # in the loss's row order
         if len(micro) == 1:
             audio, text, scale = self._forward(micro[0])
-            loss = self._loss(audio.float(), text.float(), scale.float(), teacher)
+            loss = self._loss(audio.float(), text.float(), scale.float(), teacher, captions)
             if not self._all_finite(loss):
                 return loss.detach(), False
             self.engine.backward(loss)
@@ -187,7 +190,7 @@ class Trainer:
             self._engine_step()
 
         return accumulated_backward(
-            micro, self._forward, lambda a, t, s: self._loss(a, t, s, teacher), backward, self._all_finite
+            micro, self._forward, lambda a, t, s: self._loss(a, t, s, teacher, captions), backward, self._all_finite
         )
 
     # ------------------------------------------------------------------------------ the loop
