@@ -4,6 +4,11 @@ Everything here is numpy + soundfile (libsndfile: WAV, FLAC, OGG/Vorbis, Opus, M
 Stored audio is 48 kHz mono 16-bit; ``quantize`` defines the one float <-> int16 mapping used for
 both FLAC encoding and ``content_hash``, so that hashing decoded FLAC gives back the hash of the
 array that was encoded (x -> round(x * 32768) clipped to int16; decoding divides by 32768).
+
+Bounded memory for any input: a header's sample rate outside ``MIN_SAMPLE_RATE..MAX_SAMPLE_RATE``
+is rejected (``bad_sample_rate``) before anything is allocated from it; the resampler's tables are
+capped whatever the rates; decoding, downmix, resampling, quantization, hashing and FLAC encoding
+run in blocks (``iter_audio`` -> ``encode_flac_stream``), so a clip costs its compressed bytes.
 """
 
 from __future__ import annotations
