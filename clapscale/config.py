@@ -358,7 +358,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        loaded = _parse_yaml(path.read_text(), str(path))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -368,8 +368,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+        _set_dotted(raw, key.strip(), _parse_yaml(value, f"override {item!r}") if value.strip() else "")
     return config_from_dict(raw)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from e
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -169,3 +169,13 @@ def test_train_module_entry_blocked_out_dir_is_one_line(tmp_path):
          "data.batch_size=2", "data.workers=0", "train.steps=1", f"train.out_dir={blocker / 'runs'}"],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     _assert_user_error(proc, str(blocker), "Not a directory")
+
+
+def test_malformed_recipe_and_override_name_the_place(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  audio: {name: cnn\ntrain: {steps: 3}\n")
+    assert cli_main(["train", str(recipe)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith(f"clapscale train: {recipe} is not valid YAML at line 3") and err.count("\n") == 1, err
+    assert cli_main(["train", "configs/tiny.yaml", "train.steps=[1"]) == EXIT_USER_ERROR
+    assert "override 'train.steps=[1' is not valid YAML" in capsys.readouterr().err
