@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from clapscale.config import load_config
 from clapscale.data.wds import decode_audio
 from clapscale.eval.cli import eval_main
-from clapscale.eval.metrics import retrieval_metrics, zeroshot_metrics
+from clapscale.eval.metrics import majority_baseline, retrieval_metrics, zeroshot_metrics
 from clapscale.eval.runner import evaluate, evaluate_tasks, limit_spec
 from clapscale.eval.zeroshot import prompts_for
 from clapscale.shards.synthetic import generate
@@ -101,6 +101,7 @@ def test_evaluate_matches_direct_computation(setup, direct):
     direct_zs = zeroshot_metrics(audio @ label_emb.T, targets)
     assert by_task["zeroshot"].metrics == pytest.approx(direct_zs)
     assert by_task["zeroshot"].chance["top1"] > 0
+    assert by_task["zeroshot"].baseline == pytest.approx(majority_baseline(targets))
 
     flat = evaluate(setup["model"], cfg, rank=0, world_size=1, device="cpu")
     assert flat["retrieval/t2a/R@1"] == got["t2a/R@1"] and "zeroshot/mAP" in flat
@@ -241,6 +242,19 @@ def test_eval_cli_table_json_and_errors(setup, tmp_path, capsys):
     assert "no such file" in err and "none-0.tar" in err and "Traceback" not in err
     assert eval_main(["--checkpoint", model_dir, "--task", "bogus"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_table_shows_the_majority_baseline_of_single_label_zero_shot():
+    from clapscale.eval.cli import format_results
+    from clapscale.eval.runner import TaskResult
+
+    targets = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 1, 2]), 3).bool()
+    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    single = TaskResult("zeroshot", "x.tar", zeroshot_metrics(logits, targets), {}, {}, majority_baseline(targets))
+    rows = {line.split()[0]: line.split() for line in format_results([single]).splitlines()[3:7]}
+    assert rows["top1"][-1] == "60.00" and rows["macro_recall"][-1] == "33.33"  # 3 of 5 clips; 1 of 3 classes
+    multi = TaskResult("zeroshot", "x.tar", {"mAP": 50.0}, {"mAP": 40.0})
+    assert "majority" not in format_results([multi])
 
 
 def test_linear_probe_task_matches_direct_fit(setup, direct):

@@ -87,7 +87,8 @@ def format_results(results, checkpoint: str = "") -> str:
         info = ", ".join(f"{k} {v}" for k, v in r.info.items())
         lines.append("")
         lines.append(f"{r.task} on {r.spec} ({info})")
-        lines.append(f"  {'metric':<24}{'value':>9}{'chance':>9}{'x chance':>10}")
+        majority = r.baseline
+        lines.append(f"  {'metric':<24}{'value':>9}{'chance':>9}{'x chance':>10}" + (f"{'majority':>10}" if majority else ""))
         for k, v in r.metrics.items():
             direction, _, name = k.rpartition("/")
             shown = f"{_LABELS.get(direction, direction)} {name}".strip()
@@ -95,10 +96,14 @@ def format_results(results, checkpoint: str = "") -> str:
             chance_s = f"{chance:>9.2f}" if chance is not None else f"{'-':>9}"
             higher_is_better = "rank" not in name
             ratio_s = f"{v / chance:>10.1f}" if chance and higher_is_better else f"{'':>10}"
-            lines.append(f"  {shown:<24}{v:>9.2f}{chance_s}{ratio_s}")
+            base = majority.get(k)
+            base_s = (f"{base:>10.2f}" if base is not None else f"{'-':>10}") if majority else ""
+            lines.append(f"  {shown:<24}{v:>9.2f}{chance_s}{ratio_s}{base_s}")
     lines.append("")
     lines.append("Recall, mAP and accuracy in percent (higher is better); ranks are 1-based (lower is better);")
     lines.append("chance = the expected value for a random ranking.")
+    if any(r.baseline for r in results):
+        lines.append("majority = always answering the most frequent label; macro_recall = balanced accuracy.")
     return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from clapscale.config import Config
 from clapscale.eval.embedding import EmbeddedSplit, EmptySplitError, embed_split, make_text_encoder
 from clapscale.eval.gather import gather_objects
 from clapscale.eval.linear_probe import linear_probe_metrics
-from clapscale.eval.metrics import retrieval_chance, retrieval_metrics, zeroshot_chance
+from clapscale.eval.metrics import majority_baseline, retrieval_chance, retrieval_metrics, zeroshot_chance
 from clapscale.eval.zeroshot import NoLabelsError, encode_labels, targets_from_tags, zeroshot_result
 
 TASKS = ("retrieval", "zeroshot", "linear_probe")
@@ -30,13 +30,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TaskResult:
-    """One task on one split: metrics and their chance levels (same keys where defined)."""
+    """One task on one split: metrics, their chance levels and, for single-label zero-shot, what
+    always answering the most frequent label scores (``baseline``; same keys where defined)."""
 
     task: str
     spec: str
     metrics: dict[str, float]
     chance: dict[str, float]
     info: dict[str, object] = field(default_factory=dict)
+    baseline: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -223,6 +225,7 @@ def zeroshot_task(
         {"clips": int(targets.kept.numel()), "labels": len(targets.labels),
          "clips_without_label": targets.dropped,
          "multi_label": bool((targets.targets.sum(1) > 1).any())},
+        majority_baseline(targets.targets),
     )
 
 
