@@ -191,10 +191,10 @@ class LossConfig:
     soft_label_beta: float = 0.3
     # Temperature of the soft targets: softmax(teacher cosines / T). Its own, not the teacher's
     # learned one (~0.01 once trained), at which every neighbour's weight vanishes. 0.1 measured
-    # (benchmarks/soft_label_targets.py, tiny CNN teacher, held-out synthetic clips, batch 64): the
-    # soft row keeps 15-22% on the sample itself, ~15 effective targets, and 7-12x chance of its
-    # off-diagonal mass on clips with the same tags; at 0.2 that drops to ~5x, at 0.05 the row is
-    # 25-43% self.
+    # (benchmarks/soft_label_targets.py: demo recipe trained 200 steps, held-out synthetic clips,
+    # batch 64; audio-text): the soft row keeps 25-33% on the sample itself, ~9 effective targets,
+    # and 9-15x chance of its off-diagonal mass on clips with the same tags; at 0.05 it is 38-53%
+    # self, at 0.01 (a trained scale of 100) 66-80%; at 0.2 same-tag precision falls to 6-9x.
     soft_label_temperature: float = 0.1
     # Checkpoint of a frozen teacher CLAP for soft labels; empty = the model itself, detached.
     teacher: str = ""
