@@ -1,5 +1,8 @@
 """A real single-node SLURM cluster runs `sbatch launch/pretrain.sh configs/tiny.yaml` with 2 tasks
-on CPU to completion: the loss falls and a complete checkpoint and the fp32 export exist.
+on CPU to completion: the loss falls and a complete checkpoint and the fp32 export exist. A
+SIGUSR1 from `scancel --signal=USR1` (what `--signal=USR1@180` sends before the time limit) makes
+the job checkpoint, requeue itself and resume to the end. Every rank gets the cores the job asked
+for (`--cpus-per-task`, which srun no longer inherits since Slurm 22.05).
 
 Needs Debian's slurmctld + slurmd + munge and root. In CI (CI=true) missing packages are installed
 with apt-get and the test never skips; elsewhere it skips, saying why.
@@ -7,10 +10,12 @@ with apt-get and the test never skips; elsewhere it skips, saying why.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +106,123 @@ def test_sbatch_pretrain_two_tasks_on_cpu(cluster, tmp_path):
     ckpt = runs / "slurm" / "checkpoints" / "step_00000008"
     assert json.loads((ckpt / "meta.json").read_text())["world_size"] == 2
     assert (runs / "slurm" / "model" / "model.safetensors").is_file()
+
+
+def _job_state(env, job: str) -> tuple[str, int]:
+    out = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True,
+                         timeout=30).stdout
+    fields = dict(f.split("=", 1) for f in out.split() if "=" in f)
+    return fields.get("JobState", "GONE"), int(fields.get("Restarts", 0))
+
+
+def _wait_until_finished(env, job: str, timeout: float, log: Path) -> None:
+    """Poll the job until it ends. Slurm makes a requeued job wait ~2 min before it is eligible
+    again; the test lets it start at once (StartTime=now) instead of waiting that out."""
+    deadline = time.monotonic() + timeout
+    released = False
+    while True:
+        state, restarts = _job_state(env, job)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
+            return
+        if state == "PENDING" and restarts >= 1 and not released:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
+            released = True
+        assert time.monotonic() < deadline, f"job {job} not finished in {timeout} s: " + (
+            log.read_text()[-4000:] if log.exists() else "")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    env = {
+        **cluster,
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"), "OMP_NUM_THREADS": "1",
+        "CLAPSCALE_PYTHON": sys.executable,
+    }
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    shards = tmp_path / "shards"
+    subprocess.run([sys.executable, "tools/make_shards.py", "--synthetic", "40", "--out", str(shards),
+                    "--shard-size", "16", "--quiet"], cwd=REPO, env=env, check=True, timeout=120)
+    runs = tmp_path / "runs"
+    log = tmp_path / "job.out"
+    steps = 6
+    cmd = [
+        "sbatch", "--parsable", "--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+        "--time=10:00", f"--output={log}", "launch/pretrain.sh", "configs/tiny.yaml",
+        f"data.train={shards}/train/{{000000..000001}}.tar", "data.val=", f"train.out_dir={runs}",
+        "train.name=requeue", "data.batch_size=4", f"train.steps={steps}", "train.checkpoint_every=0",
+        "train.log_every=1", "train.eval_every=-1", "optim.warmup_steps=1", "data.resampled=false",
+    ]
+    job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout.strip().split(";")[0]
+    metrics = runs / "requeue" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while not (metrics.exists() and '"loss"' in metrics.read_text()):
+            assert _job_state(env, job)[0] in ("PENDING", "RUNNING"), log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no training step in 240 s: " + (log.read_text() if log.exists() else "")
+            time.sleep(0.5)
+        subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True, timeout=30)
+        _wait_until_finished(env, job, 300, log)
+    finally:
+        subprocess.run(["scancel", job], env=env, timeout=30)
+    out = log.read_text()
+    state, restarts = _job_state(env, job)
+    assert state == "COMPLETED" and restarts == 1, (state, restarts, out[-4000:])
+    assert "requeueing job" in out and "(restart 1)" in out and f"done at step {steps}" in out, out[-4000:]
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert sum(r.get("event") == "resumed" for r in records) == 1
+    assert sorted({r["step"] for r in records if "loss" in r and "event" not in r}) == list(range(1, steps + 1))
+    assert not list(REPO.glob(f".clapscale-requeue-{job}"))
+
+
+def test_requeue_does_not_depend_on_sruns_exit_code(cluster, tmp_path):
+    # The trainer's interpreter replaced by a probe that exits as ranks can on a cluster: rank 0
+    # has asked for the requeue (the marker) and is still exiting when rank 1 exits 3, so
+    # srun --kill-on-bad-exit kills rank 0 and returns 143 (or 137), not 3. After the requeue it succeeds.
+    probe = tmp_path / "probe"
+    probe.write_text(
+        "#!/bin/sh\n"
+        'if [ "${SLURM_RESTART_COUNT:-0}" != 0 ]; then echo "task $SLURM_PROCID after requeue"; exit 0; fi\n'
+        'if [ "$SLURM_PROCID" = 0 ]; then echo requeue > "$CLAPSCALE_REQUEUE_FILE"; exec sleep 60; fi\n'
+        "sleep 3; exit 3\n"
+    )
+    probe.chmod(0o755)
+    log = tmp_path / "job.out"
+    cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+           "--time=3:00", f"--output={log}", "launch/pretrain.sh", "configs/tiny.yaml"]
+    env = {**cluster, "CLAPSCALE_PYTHON": str(probe)}
+    job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout.strip().split(";")[0]
+    try:
+        _wait_until_finished(env, job, 120, log)
+    finally:
+        subprocess.run(["scancel", job], env=env, timeout=30)
+    out = log.read_text()
+    assert _job_state(env, job) == ("COMPLETED", 1), out
+    assert re.search(r"checkpointed on signal \(srun exit code (137|143)\)", out), out
+    assert "task 0 after requeue" in out and "task 1 after requeue" in out, out
+
+
+def test_each_rank_gets_the_cpus_per_task_it_asked_for(cluster, tmp_path):
+    # The trainer's interpreter replaced by a probe: what matters is the environment srun gives.
+    probe = tmp_path / "probe"
+    probe.write_text("#!/bin/sh\nexec %s -c 'import os; print(\"task\", os.environ[\"SLURM_PROCID\"], "
+                     "\"cpus\", len(os.sched_getaffinity(0)))'\n" % sys.executable)
+    probe.chmod(0o755)
+    ncpu = os.cpu_count() or 1
+    if ncpu < 2:
+        pytest.skip("needs 2 CPUs to give one task 2 of them")
+    log = tmp_path / "job.out"
+    cmd = ["sbatch", "--wait", "--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2",
+           "--time=2:00", f"--output={log}", "launch/pretrain.sh", "configs/tiny.yaml"]
+    proc = subprocess.run(cmd, cwd=REPO, env={**cluster, "CLAPSCALE_PYTHON": str(probe)}, capture_output=True,
+                          text=True, timeout=120)
+    out = log.read_text() if log.exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + out
+    assert "task 0 cpus 2" in out, out
 
 
 @pytest.mark.slow
