@@ -186,9 +186,9 @@ RECIPES: dict[str, Recipe] = {
     "htsat-base-roberta": Recipe("htsat-roberta.yaml", ("model.audio.size=base",), "base"),
     "cnn14-bert": Recipe("cnn14-bert.yaml", (), "base"),
     "vit-b32-clip": Recipe("vit-clip.yaml", (), "base"),
-    # CPU-sized: the tiny CNN with a 2-layer RoBERTa-shaped text tower, so the suite's reduced mode
+    # CPU-sized (2 s clips, the tiny CNN, a 2-layer RoBERTa-shaped text tower), so the suite's reduced mode
     # goes through the same random-init-from-config path as the real recipes.
-    "smoke": Recipe("tiny.yaml", ("model.text.name=roberta",), "tiny"),
+    "smoke": Recipe("tiny.yaml", ("model.text.name=roberta", "audio.clip_seconds=2"), "tiny"),
 }
 
 # Peak dense bf16 tensor throughput (TFLOP/s) by device name, from the vendors' data sheets (SXM parts).

@@ -27,8 +27,8 @@
 # --wheels DIR installs the Python packages in DIR (wheels made by --fetch-wheels) into a private
 # folder first: the lent GPU machines have PyTorch and transformers but no network and no DeepSpeed,
 # webdataset, soundfile or open_clip. DALI (476 MB installed) and the MiniLM weights package (88 MB)
-# are too large to carry there (64 MiB per call): without them the DALI loader stages and the tests that need them are
-# recorded as skipped / failed, and everything else runs.
+# are too large to carry there (64 MiB per call): without them the DALI loader stages are recorded
+# as skipped, the DALI test as failed, and everything else runs.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,7 +41,7 @@ REPORT=""
 STAGES="tests,loader,train,real_data"
 ONLY="$STAGES"
 
-usage() { sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 die() { echo "gpu_suite.sh: $*" >&2; exit 2; }
 
 while [[ $# -gt 0 ]]; do
