@@ -89,3 +89,30 @@ def test_soft_label_teacher_must_read_the_students_inputs():
     assert "loss.teacher='runs/t/model'" in msg
     assert "audio.mel_scale: 'slaney' vs teacher 'htk'" in msg
     assert "model.text.name: 'minilm' vs teacher 'bert'" in msg
+
+
+_SIGNALS_ON_TWO_RANKS = """
+import os, signal
+import torch, torch.distributed as dist
+from clapscale.train.signals import StopSignals
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+with StopSignals(torch.device("cpu")) as stop:
+    first = stop.agreed()
+    os.kill(os.getpid(), (signal.SIGUSR1, signal.SIGTERM)[rank])
+    print(first, stop.agreed())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ranks_that_received_different_signals_agree_on_one():
+    """SIGUSR1 on rank 0 and SIGTERM on rank 1: both ranks log the same stop signal (the larger)."""
+    import signal
+
+    from test_eval_gather import run_two_ranks
+
+    runs = run_two_ranks(_SIGNALS_ON_TWO_RANKS, [], timeout=60)
+    assert all(rc == 0 for rc, _, _ in runs), [err[-2000:] for _, _, err in runs]
+    got = [stdout.split() for _, stdout, _ in runs]
+    assert got == [["None", str(int(signal.SIGTERM))]] * 2, got

@@ -40,6 +40,10 @@ class StopSignals:
         flag = torch.tensor([0 if self.received is None else int(self.received)], device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag.item()) and self.received is None:
-            self.received = int(flag.item())
-        return self.received
+        agreed = int(flag.item())
+        # Return the reduced value even on a rank that got a signal of its own: SIGUSR1 here and
+        # SIGTERM elsewhere must not make the ranks log different signals. When no rank had one,
+        # ``received`` is left alone: a signal that landed during the all-reduce waits for the next call.
+        if agreed:
+            self.received = agreed
+        return agreed or None
