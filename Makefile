@@ -20,7 +20,13 @@ DEMO_RUN    := runs/demo
 # Extra recipe overrides, e.g. `make demo DEMO_ARGS="train.steps=600"`.
 DEMO_ARGS   ?=
 
-.PHONY: env test demo clean
+# `make real`: real sound from Debian's game libraries (downloads ~0.7 GB of .debs once into .cache/real).
+REAL_SHARDS := shards/real
+REAL_CONFIG := configs/real.yaml
+REAL_RUN    := runs/real
+REAL_ARGS   ?=
+
+.PHONY: env test demo real clean
 
 env: $(STAMP)
 
@@ -44,5 +50,12 @@ demo: $(STAMP)
 		--task retrieval,zeroshot --device cpu --out $(DEMO_RUN)/metrics.json
 	@echo "Held-out test figures above are in $(DEMO_RUN)/metrics.json; training curves: $(BIN)/tensorboard --logdir $(DEMO_RUN)"
 
+real: $(STAMP)
+	$(BIN)/python tools/real_corpus.py --out $(REAL_SHARDS) --workers 2
+	rm -rf $(REAL_RUN)
+	$(BIN)/torchrun --standalone --nproc_per_node 2 -m clapscale.train.cli $(REAL_CONFIG) \
+		train.out_dir=$(dir $(REAL_RUN)) train.name=$(notdir $(REAL_RUN)) train.resume=none $(REAL_ARGS)
+	$(BIN)/python tools/real_report.py --checkpoint $(REAL_RUN)/model --shards $(REAL_SHARDS) --out $(REAL_RUN)/metrics.json
+
 clean:
-	rm -rf $(VENV) .cache runs $(DEMO_SHARDS)
+	rm -rf $(VENV) .cache runs $(DEMO_SHARDS) $(REAL_SHARDS)

@@ -8,8 +8,10 @@ make_shards.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -21,6 +23,8 @@ import soundfile as sf
 from clapscale.shards.debian import find_sounds, unpack_archives
 from clapscale.shards.pathtext import clean_caption, keyword_label, path_words
 from clapscale.shards.realcorpus import main as real_corpus, split_of
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian)")
 
@@ -100,7 +104,10 @@ def _read_split(out: Path, split: str) -> list[dict]:
     return metas
 
 
-def test_real_corpus_tool_builds_labelled_splits_from_debs(tmp_path):
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A corpus built by the tool from two real .debs: (cache, out)."""
+    tmp_path = tmp_path_factory.mktemp("real_corpus")
     cache = tmp_path / "cache"
     game = "usr/share/games/minetest"
     train_files = {f"{game}/mods/default/sounds/default_gravel_footstep.{i}.wav": i for i in range(12)}
@@ -108,18 +115,23 @@ def test_real_corpus_tool_builds_labelled_splits_from_debs(tmp_path):
     train_files[f"{game}/music/theme.wav"] = 999  # a music folder: never a clip
     _deb(cache, "minetest-data", train_files,
          archive={"sound/weapons/grenade/hgrenb1a.wav": 500, "../../escape.wav": 501})
-    _deb(cache, "wesnoth-1.16-data", {f"usr/share/games/wesnoth/1.16/data/core/sounds/wolf-growl-{i}.wav": 300 + i
-                                      for i in range(3)})
+    held = {f"usr/share/games/wesnoth/1.16/data/core/sounds/wolf-growl-{i}.wav": 300 + i for i in range(3)}
+    held["usr/share/games/wesnoth/1.16/data/core/sounds/human-hit-1.wav"] = 400
+    _deb(cache, "wesnoth-1.16-data", held)
     out = tmp_path / "shards"
     rc = real_corpus(["--out", str(out), "--cache", str(cache), "--packages", "minetest-data",
                       "--heldout", "wesnoth-1.16-data", "--workers", "1", "--quiet", "--test-frac", "0.25",
                       "--valid-frac", "0.0"])
     assert rc == 0
+    return cache, out
+
+
+def test_real_corpus_tool_builds_labelled_splits_from_debs(corpus):
+    cache, out = corpus
     # The zip member that tried to leave its folder was not extracted anywhere.
     assert not list(cache.rglob("escape.wav"))
     held = _read_split(out, "heldout")
-    assert len(held) == 3
-    assert all(m["tag"] == ["animal"] and m["text"] == ["wolf growl"] for m in held)
+    assert sorted((m["text"][0], m["tag"][0]) for m in held) == [("human hit", "impact")] + [("wolf growl", "animal")] * 3
     trained = _read_split(out, "train") + _read_split(out, "test")
     assert len(trained) == 25  # 24 loose files + 1 from the archive; the music track is not a clip
     by_caption = {m["text"][0]: m["tag"] for m in trained}
@@ -128,6 +140,33 @@ def test_real_corpus_tool_builds_labelled_splits_from_debs(tmp_path):
     rows = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
     assert {r["split"] for r in rows if r["id"].startswith("wesnoth")} == {"heldout"}
     assert {r["split"] for r in rows if r["id"].startswith("minetest")} == {"train", "test"}
+
+
+@pytest.mark.slow
+def test_real_recipe_trains_and_reports_on_the_corpus(corpus, tmp_path):
+    # What `make real` runs, shortened: configs/real.yaml through the trainer CLI on the tool's
+    # shards, then tools/real_report.py over the test split and the held-out package.
+    _, out = corpus
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    train = subprocess.run(
+        [sys.executable, "-m", "clapscale.train.cli", "configs/real.yaml", f"data.train={out}/train/*.tar",
+         f"data.val={out}/test/*.tar", "data.batch_size=4", "data.workers=0", "train.steps=2",
+         "train.eval_every=-1", f"train.out_dir={tmp_path}", "train.name=real"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-4000:]
+    report = subprocess.run(
+        [sys.executable, "tools/real_report.py", "--checkpoint", str(tmp_path / "real" / "model"), "--shards", str(out),
+         "--out", str(tmp_path / "metrics.json")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr[-4000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics) == {"test", "heldout"}
+    held = {r["task"]: r for r in metrics["heldout"]["results"]}
+    assert held["retrieval"]["info"]["clips"] == 4
+    # Single-label zero-shot over the package's two labels, with macro recall and the majority baseline.
+    assert held["zeroshot"]["info"]["labels"] == 2 and "macro_recall" in held["zeroshot"]["metrics"]
+    assert held["zeroshot"]["baseline"] == pytest.approx({"top1": 75.0, "macro_recall": 50.0})
+    assert "majority" in report.stdout
 
 
 def test_real_corpus_refuses_packages_outside_the_training_list(tmp_path, capsys):
