@@ -121,6 +121,19 @@ def test_batch_larger_than_the_data_set_is_one_line(tmp_path):
     _assert_user_error(proc, "6 samples", "data.batch_size=16")
 
 
+def test_missing_val_shards_fail_at_start_not_after_training(tmp_path):
+    # data.val was read only at the first evaluation: a typo there cost the whole run. With 100000
+    # steps to go, only a check at start-up can answer within the timeout.
+    from clapscale.shards.synthetic import generate
+    from clapscale.shards.writer import write_shards
+
+    (tar,) = write_shards(generate("train", 4), tmp_path / "sh", split="train", shard_size=8)
+    proc = _clapscale("train", "configs/tiny.yaml", f"data.train={tar}", f"data.val={tmp_path / 'valid' / '0.tar'}",
+                      "data.batch_size=2", "data.workers=0", "train.steps=100000", "train.eval_every=0",
+                      f"train.out_dir={tmp_path / 'run'}", timeout=120)
+    _assert_user_error(proc, "no such file", str(tmp_path / "valid" / "0.tar"))
+
+
 def test_bugs_keep_their_traceback_and_debug_shows_user_errors(capsys, monkeypatch):
     def bug(argv):
         raise KeyError("an internal invariant broke")

@@ -81,10 +81,16 @@ class Trainer:
 
     def setup(self) -> "Trainer":
         from clapscale.data import build_loader
+        from clapscale.data.specs import check_shards_exist, parse_spec
         from clapscale.features import AudioFrontend
         from clapscale.models import build_model, build_tokenizer
 
         cfg, denv = self.cfg, self.denv
+        # Shard paths first: a typo in data.train / data.val is a one-line error now, not after
+        # the process group, DeepSpeed and the towers are up (~20 s).
+        for spec in (cfg.data.train, cfg.data.val):
+            if spec:
+                check_shards_exist(parse_spec(spec))
         engines.init_distributed(init_process_group(denv, cfg.train.dist_timeout_s))
         self.device = device_for(denv)
         # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway for ZeRO 0-2).
