@@ -38,6 +38,28 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+_all_gather_warning_silenced = False
+
+
+def _silence_all_gather_deprecation() -> None:
+    """Register, once per process, a filter for torch's deprecation notice of the autograd all_gather.
+
+    torch marks ``torch.distributed.nn.functional.all_gather`` deprecated in favour of the private
+    ``torch.distributed._functional_collectives``; it is the call whose backward returns each rank's
+    gradient to the feature's owner (tests/test_losses_dist.py checks it against one process), so we
+    keep it and silence that one notice, which every rank would print. One filter registered on first
+    use, not a ``catch_warnings`` per forward: that context swaps the process-global filter list
+    (unsafe while loader threads warn) and, by invalidating every "once per location" record,
+    re-prints the process's other warnings after each step. Not at import time: importing the
+    losses changes no global state.
+    """
+    global _all_gather_warning_silenced
+    if not _all_gather_warning_silenced:
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                                category=FutureWarning)
+        _all_gather_warning_silenced = True
+
+
 def gather_features(x: torch.Tensor, rank: int, world_size: int, with_grad: bool) -> torch.Tensor:
     """Concatenate every rank's ``x`` (b, D) into (b * world_size, D), rank order.
 
@@ -51,14 +73,8 @@ def gather_features(x: torch.Tensor, rank: int, world_size: int, with_grad: bool
     if with_grad:
         import torch.distributed.nn.functional as dist_fn
 
-        with warnings.catch_warnings():
-            # torch marks this autograd all_gather deprecated in favour of the private
-            # torch.distributed._functional_collectives; it is the call whose backward returns
-            # each rank's gradient to the feature's owner (tests/test_losses_dist.py checks it
-            # against one process), so keep it and silence that one warning, printed by every rank.
-            warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
-                                    category=FutureWarning)
-            return torch.cat(dist_fn.all_gather(x), dim=0)
+        _silence_all_gather_deprecation()
+        return torch.cat(dist_fn.all_gather(x), dim=0)
     parts = [torch.empty_like(x) for _ in range(world_size)]
     dist.all_gather(parts, x.detach().contiguous())
     parts[rank] = x

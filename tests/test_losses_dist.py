@@ -69,6 +69,13 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def _warn_probe():
+    warnings.warn(_PROBE, UserWarning)
+
+
+_PROBE = "probe: a warning shown once per location"
+
+
 def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -115,10 +122,13 @@ def _worker(rank, port, out_dir):
             p.grad /= WORLD
         results["trap"] = _grads(model)
 
-        # torch's deprecation notice for the gradient-carrying all_gather is not printed by every rank.
+        # Under the default warning filters (this is a fresh interpreter), torch's deprecation notice
+        # for the gradient-carrying all_gather is not printed by every rank, and a gathered forward
+        # leaves the process's other warnings alone: one shown once per location stays shown once.
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            _warn_probe()
             gather_features(torch.ones(B, D, requires_grad=True), rank, WORLD, with_grad=True)
+            _warn_probe()
         results["warnings"] = [str(w.message) for w in caught]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -174,3 +184,11 @@ def test_local_loss_without_grad_gather_gives_wrong_gradient(results):
 def test_gradient_carrying_gather_prints_no_deprecation_warning(results):
     for rank_results in results:
         assert not any("all_gather" in w for w in rank_results["warnings"]), rank_results["warnings"]
+
+
+@pytest.mark.slow
+def test_gathered_forward_does_not_reprint_other_warnings(results):
+    """A gathered forward changes no warning state that makes a once-per-location warning show again
+    (a ``catch_warnings`` per forward did: every step re-printed the process's warnings)."""
+    for rank_results in results:
+        assert rank_results["warnings"] == [_PROBE], rank_results["warnings"]
