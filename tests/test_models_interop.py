@@ -185,18 +185,28 @@ def test_laion_clap_cnn_names_map_onto_ours():
     assert all(torch.equal(mapped[k], v) for k, v in ours.items())
 
 
+def _one_line_error(capsys, prog: str) -> str:
+    """The stderr of a command that failed on a user error: one line ``prog: error: ...``, no traceback."""
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1, err
+    return err
+
+
 def test_export_refuses_other_towers(tmp_path, capsys):
+    from clapscale.cli import main as cli_main
+    from clapscale.errors import EXIT_USER_ERROR
     from clapscale.models import save_model
-    from clapscale.models.cli import export_hf_main, import_hf_main
 
     cfg = load_config("configs/tiny.yaml")
     model = build_model(cfg)
     with pytest.raises(ValueError, match=r"model\.audio\.name='cnn'.*model\.text\.name='minilm'"):
         export_hf(model, cfg, tmp_path / "hf")
     save_model(model, cfg, tmp_path / "saved")
-    assert export_hf_main([str(tmp_path / "saved"), str(tmp_path / "hf")]) == 1
-    assert "transformers' ClapModel holds HTSAT only" in capsys.readouterr().err
-    assert import_hf_main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    # User errors exit 2 with one line, as every clapscale command does (clapscale/errors.py).
+    assert cli_main(["export-hf", str(tmp_path / "saved"), str(tmp_path / "hf")]) == EXIT_USER_ERROR
+    assert "transformers' ClapModel holds HTSAT only" in _one_line_error(capsys, "clapscale export-hf")
+    assert cli_main(["import-hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == EXIT_USER_ERROR
+    assert "missing" in _one_line_error(capsys, "clapscale import-hf")
 
 
 def test_htsat_checkpoint_of_another_size_is_refused(tmp_path):
@@ -280,26 +290,35 @@ def test_import_laion_checkpoint_matches_transformers(roberta_dir, tmp_path, fus
 
 
 def test_import_laion_refuses_what_it_cannot_import(roberta_dir, tmp_path, capsys):
-    from clapscale.models.cli import import_laion_main
+    from clapscale.cli import main as cli_main
+    from clapscale.errors import EXIT_USER_ERROR
+
+    def import_laion(*argv: str) -> str:
+        """Run `clapscale import-laion`; it must fail as a user error (exit 2, one line): its message."""
+        assert cli_main(["import-laion", *argv]) == EXIT_USER_ERROR
+        return _one_line_error(capsys, "clapscale import-laion")
 
     cfg, model = htsat_roberta(roberta_dir, "none")
     good = _to_laion_names(model.state_dict())
     args = ["--text", str(roberta_dir)]
     # Not a laion_clap checkpoint: only an audio tower.
     torch.save({k: v for k, v in good.items() if "text_branch" not in k}, tmp_path / "audio.pt")
-    assert import_laion_main([str(tmp_path / "audio.pt"), str(tmp_path / "o1"), *args]) == 1
-    assert "not a laion_clap checkpoint (no text_branch.* tensors" in capsys.readouterr().err
+    assert "not a laion_clap checkpoint (no text_branch.* tensors" in import_laion(str(tmp_path / "audio.pt"),
+                                                                                  str(tmp_path / "o1"), *args)
     # A text directory of another size than the checkpoint's text branch: the tensor is named.
     other = make_tiny_roberta_dir(tmp_path / "wide")
     conf = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**conf, "intermediate_size": 48}))
     torch.save({"state_dict": good}, tmp_path / "laion.pt")
-    assert import_laion_main([str(tmp_path / "laion.pt"), str(tmp_path / "o2"), "--text", str(other)]) == 1
-    assert "text_tower.encoder.encoder.layer.0.intermediate.dense.weight: checkpoint (64, 32)" in capsys.readouterr().err
-    # A file that is not a checkpoint, a missing file: one line, exit 1.
+    assert ("text_tower.encoder.encoder.layer.0.intermediate.dense.weight: checkpoint (64, 32)"
+            in import_laion(str(tmp_path / "laion.pt"), str(tmp_path / "o2"), "--text", str(other)))
+    # A --text directory without a config.json, a pickle that is not a state dict, a file that is not a
+    # checkpoint, a missing file.
+    assert "no readable config.json" in import_laion(str(tmp_path / "laion.pt"), str(tmp_path / "o5"),
+                                                     "--text", str(tmp_path))
+    torch.save([1, 2], tmp_path / "list.pt")
+    assert "list.pt: not a readable torch checkpoint" in import_laion(str(tmp_path / "list.pt"), str(tmp_path / "o6"), *args)
     (tmp_path / "junk.pt").write_bytes(b"<html>404 Not Found</html>")  # a failed download
-    assert import_laion_main([str(tmp_path / "junk.pt"), str(tmp_path / "o3"), *args]) == 1
-    assert "junk.pt: not a readable torch checkpoint" in capsys.readouterr().err
-    assert import_laion_main([str(tmp_path / "none.pt"), str(tmp_path / "o4"), *args]) == 1
-    assert "checkpoint file not found" in capsys.readouterr().err
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
+    assert "junk.pt: not a readable torch checkpoint" in import_laion(str(tmp_path / "junk.pt"), str(tmp_path / "o3"), *args)
+    assert "checkpoint file not found" in import_laion(str(tmp_path / "none.pt"), str(tmp_path / "o4"), *args)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4", "o5", "o6"))

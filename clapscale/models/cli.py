@@ -1,10 +1,12 @@
-"""`clapscale models`, `clapscale export-hf`, `clapscale import-hf`."""
+"""`clapscale models`, `clapscale export-hf`, `clapscale import-hf`, `clapscale import-laion`.
+
+User errors are raised (``UserError`` and its subclasses, OSError with a file name) and reported by
+``clapscale.errors.run_command``: one line, exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import torch
 
@@ -145,12 +147,8 @@ def export_hf_main(argv: list[str]) -> int:
     from clapscale.models.interop import export_hf
     from clapscale.models.loading import load_trained_model
 
-    try:
-        model, cfg = load_trained_model(args.model_dir)
-        export_hf(model.eval(), cfg, args.out_dir)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"clapscale export-hf: {e}", file=sys.stderr)
-        return 1
+    model, cfg = load_trained_model(args.model_dir)
+    export_hf(model.eval(), cfg, args.out_dir)
     print(f"wrote transformers ClapModel to {args.out_dir}")
     return 0
 
@@ -167,11 +165,7 @@ def import_hf_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from clapscale.models.interop import import_hf
 
-    try:
-        _, cfg = import_hf(args.hf_dir, args.out_dir)
-    except (ValueError, OSError) as e:
-        print(f"clapscale import-hf: {e}", file=sys.stderr)
-        return 1
+    _, cfg = import_hf(args.hf_dir, args.out_dir)
     a = cfg.model.audio
     print(f"wrote clapscale model (htsat-{a.size}, fusion {a.fusion}, roberta) to {args.out_dir}")
     return 0
@@ -194,11 +188,7 @@ def import_laion_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from clapscale.models.interop import import_laion
 
-    try:
-        _, cfg = import_laion(args.checkpoint, args.out_dir, args.text)
-    except (ValueError, OSError) as e:
-        print(f"clapscale import-laion: {e}", file=sys.stderr)
-        return 1
+    _, cfg = import_laion(args.checkpoint, args.out_dir, args.text)
     a = cfg.model.audio
     print(f"wrote clapscale model (htsat-{a.size}, fusion {a.fusion}, {cfg.model.text.name}, "
           f"embed {cfg.model.embed_dim}) to {args.out_dir}")

@@ -35,7 +35,13 @@ from pathlib import Path
 import torch
 
 from clapscale.config import Config
+from clapscale.errors import UserError
 from clapscale.models.checkpoint import CheckpointMismatchError, check_shapes, read_state_dict
+
+class InteropError(UserError, ValueError):
+    """A model, directory or checkpoint given to export-hf / import-hf / import-laion that cannot be
+    converted (another architecture, missing files beside it); the message names it."""
+
 
 _OURS_TO_HF = (("audio_tower.model.", "audio_model."), ("text_tower.encoder.", "text_model."))
 
@@ -205,7 +211,7 @@ def _check_exportable(model, cfg: Config) -> None:
     if t.name != "roberta":
         problems.append(f"model.text.name={t.name!r} (transformers' ClapTextModel is RoBERTa)")
     if problems:
-        raise ValueError("cannot export to a transformers ClapModel: " + "; ".join(problems))
+        raise InteropError("cannot export to a transformers ClapModel: " + "; ".join(problems))
 
 
 def hf_clap_config(model, cfg: Config):
@@ -299,7 +305,10 @@ def import_hf(src: str | Path, dst: str | Path):
     from clapscale.models.factory import build_model
 
     src, dst = Path(src), Path(dst)
-    hf = HFClapModel.from_pretrained(src, local_files_only=True)
+    try:
+        hf = HFClapModel.from_pretrained(src, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InteropError(f"{src}: not a transformers ClapModel directory ({e})") from e
     ac, tc = hf.config.audio_config, hf.config.text_config
     size = next(
         (n for n, d in HTSAT_SIZES.items()
@@ -307,13 +316,13 @@ def import_hf(src: str | Path, dst: str | Path):
         None,
     )
     if size is None:
-        raise ValueError(
+        raise InteropError(
             f"{src}: HTSAT with embed {ac.patch_embeds_hidden_size} and depths {list(ac.depths)} is none of "
             f"the sizes {', '.join(HTSAT_SIZES)}"
         )
     fused = bool(ac.enable_fusion)
     if fused and ac.fusion_type not in (None, "aff_2d"):
-        raise ValueError(f"{src}: fusion_type={ac.fusion_type!r} is not supported (aff_2d is)")
+        raise InteropError(f"{src}: fusion_type={ac.fusion_type!r} is not supported (aff_2d is)")
     text_dir = dst / TEXT_DIR
     text_dir.mkdir(parents=True, exist_ok=True)
     rc = RobertaConfig(**{k: v for k, v in tc.to_dict().items() if k not in ("model_type", "architectures", "transformers_version", "projection_dim", "projection_hidden_act")})
@@ -321,7 +330,7 @@ def import_hf(src: str | Path, dst: str | Path):
     try:
         AutoTokenizer.from_pretrained(src, local_files_only=True).save_pretrained(text_dir)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{src}: no tokenizer files beside the weights ({e}); copy the RoBERTa tokenizer there") from e
+        raise InteropError(f"{src}: no tokenizer files beside the weights ({e}); copy the RoBERTa tokenizer there") from e
     raw = {
         "audio": {
             "n_mels": int(ac.num_mel_bins),
@@ -369,8 +378,9 @@ def read_laion_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
     try:
         state = read_state_dict(path)
-    # What torch.load raises on a damaged or non-torch file, or one that needs code to unpickle.
-    except (pickle.UnpicklingError, RuntimeError, EOFError, struct.error, zipfile.BadZipFile) as e:
+    # What torch.load raises on a damaged or non-torch file, or one that needs code to unpickle, and
+    # read_state_dict's ValueError on a pickle that is not a dict of tensors.
+    except (pickle.UnpicklingError, RuntimeError, EOFError, struct.error, zipfile.BadZipFile, ValueError) as e:
         raise CheckpointMismatchError(
             f"{path}: not a readable torch checkpoint with tensors only ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''}); is the download complete?"
@@ -440,10 +450,10 @@ def import_laion(src: str | Path, dst: str | Path, text_dir: str | Path):
     try:
         text_type = AutoConfig.from_pretrained(text_dir, local_files_only=True).model_type
     except (OSError, ValueError) as e:
-        raise ValueError(f"--text {text_dir}: no readable config.json ({e}); give the directory of the "
+        raise InteropError(f"--text {text_dir}: no readable config.json ({e}); give the directory of the "
                          "text model the checkpoint was trained with (laion_clap: roberta-base)") from e
     if text_type not in ("roberta", "bert"):
-        raise ValueError(f"--text {text_dir}: model_type {text_type!r}; laion_clap text branches imported "
+        raise InteropError(f"--text {text_dir}: model_type {text_type!r}; laion_clap text branches imported "
                          "here are roberta or bert")
     if "audio_projection.2.weight" not in state or "logit_scale_a" not in state:
         raise CheckpointMismatchError(f"{src}: no audio_projection.2.weight or logit_scale_a: not a whole CLAP")
