@@ -125,3 +125,46 @@ def test_resume_on_laion_layout_shards(tmp_path):
         assert keys_of(taken + rest) == keys_of(batches)
         for a, b in zip(taken + rest, batches):
             assert torch.equal(a["waveform"], b["waveform"]) and a["texts"] == b["texts"]
+
+
+def write_dense_bad_shards(root: Path) -> str:
+    """2 shards x 12 clips: every third sample has an empty caption (skipped), and of the others
+    every third has a bare-string tag (read, counted as ``tag_coerced``). So many bad samples put
+    bad rows behind the first sample not yet yielded, where a resume reads them again."""
+    import json
+
+    from clapscale.shards.audio_io import encode_flac
+    from test_data_common import clip, write_raw_shard
+
+    flac = encode_flac(clip(1.0, 99))
+    for s in range(2):
+        members = []
+        for i in range(12):
+            key = f"s{s}-{i:02d}"
+            record = {"text": [] if i % 3 == 1 else [f"caption {key}"], "tag": "dog" if i % 3 == 2 else ["dog"]}
+            members += [(f"{key}.flac", flac), (f"{key}.json", json.dumps(record).encode())]
+        write_raw_shard(root / f"{s:06d}.tar", members)
+    return f"{root}/{{000000..000001}}.tar"
+
+
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_resume_counts_each_skip_and_warning_once_with_many_bad_samples(tmp_path, backend):
+    """Resuming after any batch of the epoch gives the uninterrupted run's keys, skip counts and
+    warning counts: no bad row handed out before the stop is counted again when the resumed run
+    reads it again (DALI: rows behind the first sample not yet yielded are read again)."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    cfg = make_cfg(write_dense_bad_shards(tmp_path), f"data.backend={backend}", "data.resampled=false",
+                   "data.batch_size=4", "data.workers=0", "data.shuffle_buffer=1",
+                   "audio.length_policy=rand_trunc", "audio.clip_seconds=0.5")
+    full, _ = run_until(cfg, 0)
+    batches = list(full)
+    assert full.skipped["empty_caption"] >= 8 and full.warned["tag_coerced"] >= 8  # each bad one read
+    # 16 good samples make 4 batches; the epoch's other 2 come from a second read (DALI: the reader
+    # wraps; wds: a top-up pass from the epoch's start, whose resume is not exact: review finding 17).
+    stops = range(1, len(batches)) if backend == "dali" else range(1, 5)
+    for stop in stops:
+        first, taken = run_until(cfg, stop)
+        resumed, rest = resume_from(cfg, first.state_dict())
+        assert keys_of(taken + rest) == keys_of(batches), stop
+        assert (resumed.skipped, resumed.warned) == (full.skipped, full.warned), stop

@@ -35,7 +35,8 @@ carry into the next batch; those left at the end of an epoch are dropped). Batch
 resampled, total samples // (batch_size * world_size); epoch mode, the fewest full batches any rank's
 shards of that epoch hold. The sample order is a function of (seed, epoch, rank) and DALI's shuffle.
 The position is the pick count plus a DALI reader checkpoint per reader, so a resumed run continues
-exactly.
+exactly; its skip and warning counts leave out the rows the resumed run reads again, so each is
+counted once.
 """
 
 from __future__ import annotations
@@ -156,6 +157,10 @@ class DaliLoader:
         self.source_counts = [0] * len(sources)  # training samples emitted per source, this run
         self._skiplog = SkipLog()
         self._warnlog = SkipLog("read an odd field")
+        # (pick, "skipped" | "warned", reason) of each count made for a training row at or after
+        # the first sample not yet yielded: a resume reads those rows again, so the saved counts
+        # leave them out.
+        self._counted: list[tuple[int, str, str]] = []
         self._streams: list[_ReaderStream] | None = None  # this epoch's readers (training)
         self._resume: dict[str, Any] | None = None  # position to restore (from load_state_dict)
         self._position: dict[str, Any] | None = None  # position after the last batch yielded
@@ -345,13 +350,18 @@ class DaliLoader:
 
     # ------------------------------------------------------------------ glue
 
-    def _skip(self, reason: str, where: str, detail: str = "") -> None:
+    def _skip(self, reason: str, where: str, detail: str = "", pick: int | None = None) -> None:
+        """Count a skipped sample (``pick``: its training pick; None for shard faults and evaluation)."""
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         self._skiplog.record(reason, where, detail)
+        if pick is not None:
+            self._counted.append((pick, "skipped", reason))
 
-    def _warn(self, reason: str, where: str, detail: str) -> None:
+    def _warn(self, reason: str, where: str, detail: str, pick: int | None = None) -> None:
         self.warned[reason] = self.warned.get(reason, 0) + 1
         self._warnlog.record(reason, where, detail)
+        if pick is not None:
+            self._counted.append((pick, "warned", reason))
 
     def _raw_rows(self, out) -> list[dict[str, Any]]:
         flac, meta, info = out
@@ -372,7 +382,7 @@ class DaliLoader:
         raw = {"__key__": row["key"]}
         if row["json"]:
             raw["json"] = row["json"]
-        meta = parse_meta(raw, lambda reason, detail: self._warn(reason, row["where"], detail))
+        meta = parse_meta(raw, lambda reason, detail: self._warn(reason, row["where"], detail, row.get("pick")))
         data = row["flac"].tobytes()
         sample_rate, total = flac_header(data)
         if sample_rate != self.audio_cfg.sample_rate:
@@ -381,7 +391,7 @@ class DaliLoader:
         texts = text_fields(meta, self.data_cfg.caption, rng)
         cap = int(round(self.audio_cfg.max_seconds * self.audio_cfg.sample_rate))
         return {
-            "pick": row.get("pick", 0), "key": row["key"], "where": row["where"], "flac": row["flac"],
+            "pick": row.get("pick"), "key": row["key"], "where": row["where"], "flac": row["flac"],
             "rng": rng, "long": total == 0 or total > cap, **texts,
         }
 
@@ -413,7 +423,7 @@ class DaliLoader:
                     sf.read(io.BytesIO(rows[i]["flac"].tobytes()), dtype="float32")
                     good.append(i)
                 except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-                    self._skip("decode_error", rows[i]["where"], repr(err))
+                    self._skip("decode_error", rows[i]["where"], repr(err), rows[i]["pick"])
             if good:
                 self._decoder = self._build_decoder()
                 self._decoder.feed_input("flac", [rows[i]["flac"] for i in good])
@@ -426,7 +436,7 @@ class DaliLoader:
         try:
             return decode_audio(row["flac"].tobytes(), self.audio_cfg)
         except SkipSample as e:
-            self._skip(e.reason, row["where"], e.detail)
+            self._skip(e.reason, row["where"], e.detail, row["pick"])
             return None
 
     def _process(self, raw_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -436,17 +446,17 @@ class DaliLoader:
             try:
                 rows.append(self._check_row(row))
             except SkipSample as e:
-                self._skip(e.reason, row["where"], e.detail)
+                self._skip(e.reason, row["where"], e.detail, row.get("pick"))
         waves = self._decode(rows)
         samples = []
         for row, wave in zip(rows, waves):
             if wave is None:
                 continue
             if wave.size == 0:
-                self._skip("empty_audio", row["where"])
+                self._skip("empty_audio", row["where"], pick=row["pick"])
                 continue
             if float(np.max(np.abs(wave))) < SILENCE_PEAK:  # DALI downmixed it: channels that cancel
-                self._skip("silent", row["where"], "all-silent after downmix to mono")
+                self._skip("silent", row["where"], "all-silent after downmix to mono", row["pick"])
                 continue
             res = apply_length_policy(wave, self.audio_cfg, row["rng"])
             samples.append({
@@ -499,15 +509,17 @@ class DaliLoader:
             self._position = None
 
     def state_dict(self) -> dict[str, Any]:
+        # The position after the last batch carries the counts as of that position (without the
+        # rows a resume reads again); before any batch of this pass the counts are the current ones.
         position = self._position or self._resume or {"picks": 0, "readers": None, "skip_rows": None}
         return {
             "backend": "dali",
             "epoch": self.epoch,
             "batches": self.batches,
-            **position,
-            "world_size": self.world_size,
             "skipped": dict(self.skipped),
             "warned": dict(self.warned),
+            **position,
+            "world_size": self.world_size,
             "source_counts": list(self.source_counts),
         }
 
@@ -553,6 +565,7 @@ class DaliLoader:
         # before its reader batch, row in that batch). The position to resume from starts there.
         self._history: deque[tuple[int, int, Any, int]] = deque()
         self._carry: list[dict[str, Any]] = []
+        self._counted = []
 
     def _pick(self, k: int) -> int:
         """The reader (source) of pick ``k`` of this epoch on this rank: counter-based, so a resumed
@@ -570,13 +583,19 @@ class DaliLoader:
         """The position where pick ``first_pick`` (the first sample not yet yielded) starts."""
         while self._history and self._history[0][0] < first_pick:
             self._history.popleft()
+        self._counted = [c for c in self._counted if c[0] >= first_pick]
+        counts = {"skipped": dict(self.skipped), "warned": dict(self.warned)}
+        for _, kind, reason in self._counted:  # read again on resume: counted again then
+            counts[kind][reason] -= 1
         readers, skips = [], []
         for i, stream in enumerate(self._streams):
             pending = next(((c, r) for _, s, c, r in self._history if s == i), None)
             ckpt, row = pending if pending is not None else stream.position()
             readers.append(ckpt)
             skips.append(row)
-        return {"picks": first_pick, "readers": readers, "skip_rows": skips}
+        return {"picks": first_pick, "readers": readers, "skip_rows": skips,
+                "skipped": {k: n for k, n in counts["skipped"].items() if n},
+                "warned": {k: n for k, n in counts["warned"].items() if n}}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if not self.train:
@@ -591,7 +610,9 @@ class DaliLoader:
         while self.batches < limit:
             while len(self._carry) < bsz:
                 rows = []
-                for _ in range(bsz):
+                # Groups of picks end at multiples of the batch size, as in an uninterrupted run, so
+                # a resumed run reads (and counts bad rows) exactly as far ahead at the epoch's end.
+                for _ in range(bsz - self._picks % bsz):
                     s = self._pick(self._picks)
                     row, ckpt, r = self._streams[s].next_row()
                     self._history.append((self._picks, s, ckpt, r))
