@@ -186,6 +186,21 @@ def test_gap_not_in_manifest_is_left_out_by_name(clean_shards, tmp_path, caplog)
         eval_keys(spec)
 
 
+def test_eval_over_a_count_table_of_zeros_reads_every_sample_once(clean_shards, tmp_path):
+    """A stale sizes.json saying 0 for every shard: the two ranks' evaluation still reads every clip
+    the shards hold, once (a plan cut from the table alone gave every rank nothing)."""
+    from clapscale.data import build_loader
+
+    train = copy_shard_set(clean_shards, tmp_path / "set")
+    sizes = json.loads((train / "sizes.json").read_text())
+    (train / "sizes.json").write_text(json.dumps({name: 0 for name in sizes}))
+    spec = clean_spec(train)
+    cfg = make_cfg(spec, "data.batch_size=16", "data.workers=0")
+    per_rank = [[k for b in build_loader(cfg, spec, rank=r, world_size=2, train=False) for k in b["keys"]]
+                for r in range(2)]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(r["key"] for r in clean_records())
+
+
 @pytest.mark.parametrize("layout", ["manifest_above", "sizes_above", "sizes_above_keyed_by_split", "none"])
 def test_counts_without_sizes_json_beside_the_shards(clean_shards, tmp_path, layout, caplog):
     """No sizes.json and no .idx beside the shards (LAION mirrors): counts come from the manifest or

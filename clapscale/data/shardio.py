@@ -182,8 +182,12 @@ def eval_plan(urls: list[str], sizes: dict[str, int], rank: int, world_size: int
     by exactly one rank, and the ranks together read each shard about once. A shard holding more
     samples than ``sizes`` says gives its extra samples to the rank owning its last counted one
     (none is lost); one holding fewer leaves its rank short (the gathered result is the same).
+    A table of zeros only (stale or hand-written) gives no runs to cut: rank 0 reads every shard whole.
     """
     total = sum(sizes[u] for u in urls)
+    if total == 0:
+        # Every run would be empty, so no rank would own the samples the shards do hold.
+        return [(url, 0, None) for url in urls] if rank == 0 else []
     lo, hi = rank * total // world_size, (rank + 1) * total // world_size
     pieces: list[tuple[str, int, int | None]] = []
     first = 0  # global index of the shard's first sample
@@ -191,7 +195,7 @@ def eval_plan(urls: list[str], sizes: dict[str, int], rank: int, world_size: int
         n = sizes[url]
         # The shard's last counted sample (or, if it claims none, its position) decides who reads
         # anything past the count.
-        tail_owner = min(first + max(n - 1, 0), total - 1) if total else 0
+        tail_owner = min(first + max(n - 1, 0), total - 1)
         start = min(max(lo - first, 0), n)
         stop: int | None = min(max(hi - first, 0), n)
         if lo <= tail_owner < hi:
