@@ -226,3 +226,45 @@ def test_counts_without_sizes_json_beside_the_shards(clean_shards, tmp_path, lay
     assert ("scanning their tar headers" in caplog.text) == (layout == "none")
     cfg = make_cfg(spec, "data.batch_size=4", "data.workers=0")
     assert len(build_loader(cfg, spec)) == sum(sizes.values()) // 4  # resampled: nominal epoch from counts
+
+
+def _bytes_read_by_this_process() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_header_scan_counts_are_remembered_while_a_shard_is_unchanged(clean_shards, tmp_path, caplog):
+    """Without count tables (LAION layout), shards are counted by a header scan once per process: the
+    next evaluation's loader reads no tar byte and warns no more. A rewritten shard is counted again."""
+    from clapscale.data.specs import shard_sizes
+
+    train = copy_shard_set(clean_shards, tmp_path / "set")
+    sizes = json.loads((train / "sizes.json").read_text())
+    for table in (train / "sizes.json", train.parent / "manifest.json", *train.glob("*.idx")):
+        table.unlink()
+    urls = [str(train / n) for n in sorted(sizes)]
+    with caplog.at_level("WARNING"):
+        assert shard_sizes(urls) == {u: sizes[n] for u, n in zip(urls, sorted(sizes))}
+    assert "scanning their tar headers" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        before = _bytes_read_by_this_process()
+        again = shard_sizes(urls)
+        read = _bytes_read_by_this_process() - before
+    assert again == {u: sizes[n] for u, n in zip(urls, sorted(sizes))}
+    # The counter counts its own read of /proc/self/io (~120 bytes); one tar header block is 512.
+    assert read < 512, f"{read} bytes read by the second count"
+    assert "scanning" not in caplog.text
+
+    # Rewrite one shard with only its first sample: a new size and mtime, so it is scanned again.
+    shard = train / "000001.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    first_key = members[0][0].name.split(".", 1)[0]
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name.split(".", 1)[0] == first_key:
+                tar.addfile(m, io.BytesIO(data))
+    with caplog.at_level("WARNING"):
+        assert shard_sizes(urls)[str(shard)] == 1
+    assert "1 shard(s) (first: " + str(shard) in caplog.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import os
 import posixpath
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -150,7 +151,8 @@ def shard_sizes(urls: list[str]) -> dict[str, int]:
     level up (some mirrors keep it there, keyed ``name.tar`` or ``<split>/name.tar``). Remote tables
     are fetched once per directory through the shard's own opener (``pipe:`` command, ``https://``).
     A local shard missing from all of them is counted from its DALI ``.idx`` header line, or else
-    by one scan of its tar headers (a warning says how to avoid it). A remote shard without a table
+    by one scan of its tar headers (a warning says how to avoid it), remembered for the process
+    while the file's size and mtime stay the same. A remote shard without a table
     is a ``ShardSpecError`` saying where to put ``sizes.json``.
     """
     tables: dict[str, dict[str, int] | None] = {}
@@ -176,16 +178,37 @@ def shard_sizes(urls: list[str]) -> dict[str, int]:
             with idx.open() as f:
                 out[url] = int(f.readline().split()[1])
             continue
-        from clapscale.data.shardio import count_samples
-
-        out[url] = count_samples(url)
-        scanned.append(url)
+        out[url], fresh = _scanned_count(url)
+        if fresh:
+            scanned.append(url)
     if scanned:
         log.warning("no sizes.json, manifest.json or .idx gives the sample count of %d shard(s) (first: %s); "
                     "counted them by scanning their tar headers. Write a sizes.json beside them "
                     "({\"name.tar\": samples}) or run `clapscale shards index DIR` to skip this scan",
                     len(scanned), scanned[0])
     return out
+
+
+# Header-scan counts, per process, keyed by (path, mtime_ns, size): every periodic evaluation builds
+# its loader again, and a LAION-style val set without count tables was rescanned (and warned about)
+# each time. A rewritten shard has a new key, so it is counted again.
+_scanned_counts: dict[tuple[str, int, int], int] = {}
+
+
+def _scanned_count(path: str) -> tuple[int, bool]:
+    """Samples in the local shard ``path`` by a scan of its tar headers, remembered per process;
+    and whether the tar was scanned by this call."""
+    from clapscale.data.shardio import count_samples
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return count_samples(path), True  # not remembered: the loader names a missing shard
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key in _scanned_counts:
+        return _scanned_counts[key], False
+    _scanned_counts[key] = count_samples(path)
+    return _scanned_counts[key], True
 
 
 # ----------------------------------------------------------------------------------------------
