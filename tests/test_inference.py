@@ -233,3 +233,24 @@ def test_eval_cli_refuses_a_single_label(models, capsys):
     assert eval_main(["--checkpoint", str(models["plain"]), "--shards", "unused.tar", "--task", "zeroshot",
                       "--labels", "dog"]) == 2
     assert "--labels dog: give at least two labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("given,message", [
+    (" , ", "--labels is empty"),
+    ("dog", "--labels dog: give at least two labels"),
+    ("dog,dog", "--labels dog,dog: give at least two labels"),  # one label, however often
+    ("dog,cat,dog", "duplicate labels ['dog']"),
+])
+def test_eval_and_zeroshot_refuse_the_same_label_lists(tmp_path, capsys, given, message):
+    """`eval --labels` and `zeroshot --labels` apply one rule, before any checkpoint is read: at least
+    two different labels, none repeated (a softmax over one label scores every clip right)."""
+    from clapscale.eval.cli import eval_main
+
+    missing = str(tmp_path / "no-model")  # never reached: the labels are refused first
+    assert eval_main(["--checkpoint", missing, "--shards", "unused.tar", "--task", "zeroshot",
+                      "--labels", given]) == 2
+    eval_err = capsys.readouterr().err
+    assert zeroshot_main(["--checkpoint", missing, "--labels", given, "a.wav"]) == 2
+    zeroshot_err = capsys.readouterr().err
+    assert message in eval_err and message in zeroshot_err, (eval_err, zeroshot_err)
+    assert eval_err.removeprefix("clapscale eval") == zeroshot_err.removeprefix("clapscale zeroshot")

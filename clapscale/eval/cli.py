@@ -17,6 +17,7 @@ import torch
 
 from clapscale.config import ConfigError
 from clapscale.errors import UserError
+from clapscale.eval.zeroshot import check_label_set
 
 # Readable names for the metric keys in the printed table.
 _LABELS = {
@@ -142,13 +143,8 @@ def eval_main(argv: list[str]) -> int:
     try:
         tasks = _split_labels(args.task or "retrieval,zeroshot")
         labels = _read_labels(args.labels)
-        if labels is not None and not labels:
-            raise ValueError("--labels is empty: give at least two labels, e.g. --labels dog,rain")
-        if labels is not None and len(labels) == 1:
-            raise ValueError(
-                f"--labels {labels[0]}: give at least two labels, e.g. --labels dog,rain (zero-shot picks among "
-                "them, so with one label every clip is counted right)"
-            )
+        if labels is not None:
+            labels = check_label_set(labels)
         from clapscale.models.loading import load_trained_model
 
         if args.out:
@@ -267,15 +263,7 @@ def zeroshot_main(argv: list[str]) -> int:
     from clapscale.inference import load
 
     try:
-        labels = _read_labels(args.labels) or []
-        if not labels:
-            raise ValueError("--labels is empty: give at least two labels, e.g. --labels dog,rain,siren")
-        if len(set(labels)) < 2:
-            raise ValueError(
-                f"--labels {','.join(labels)}: give at least two labels; the probabilities are a softmax over "
-                "them, so a single label scores 1.000 for any audio (add what it should be told apart from, "
-                "e.g. --labels dog,cat,rain)"
-            )
+        labels = check_label_set(_read_labels(args.labels) or [])
         if args.out:
             check_writable(args.out, "--out")
         clap = load(args.checkpoint, device=_device(args.device))

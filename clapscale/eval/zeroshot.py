@@ -48,6 +48,22 @@ def check_labels(labels: Sequence[str]) -> list[str]:
     return labels
 
 
+def check_label_set(labels: Sequence[str], flag: str = "--labels") -> list[str]:
+    """Validate the labels a user gave a zero-shot command (``eval --labels``, ``zeroshot --labels``):
+    at least two different ones, none blank or repeated. Zero-shot picks among the labels (a softmax
+    over them), so with one label every clip scores 1.000 and is counted right."""
+    labels = list(labels)
+    if not labels:
+        raise ValueError(f"{flag} is empty: give at least two labels, e.g. {flag} dog,rain,siren")
+    if len(set(labels)) < 2:
+        raise ValueError(
+            f"{flag} {','.join(labels)}: give at least two labels; zero-shot picks among them, so with one "
+            f"label every clip scores 1.000 and is counted right (add what it should be told apart from, "
+            f"e.g. {flag} dog,cat,rain)"
+        )
+    return check_labels(labels)
+
+
 def encode_labels(
     encode_texts: Callable[[list[str]], Tensor],
     labels: Sequence[str],
