@@ -197,3 +197,62 @@ def test_backends_make_the_same_random_choices_per_sample(clean_shards, policy):
         assert got[key][0] == ref[key][0], key
         assert got[key][1] == ref[key][1], key
         torch.testing.assert_close(got[key][2], ref[key][2], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.fixture(scope="module")
+def more_damage(tmp_path_factory):
+    """A shard with a sample lacking its .flac and one with a 0-byte .json (good, bad, bad, good),
+    and a shard cut inside its first sample (no whole sample: DALI drops it from its plan)."""
+    from test_data_common import good_members, meta, write_raw_shard
+
+    out = tmp_path_factory.mktemp("more_damage")
+    write_raw_shard(out / "absent.tar", good_members("absent-a", 1) + [("absent-noflac.json", meta(["x"]))]
+                    + [("absent-nojson.flac", good_members("x", 2)[0][1]), ("absent-nojson.json", b"")]
+                    + good_members("absent-z", 3))
+    write_raw_shard(out / "cut.tar", good_members("cut-a", 4) + good_members("cut-b", 5))
+    data = (out / "cut.tar").read_bytes()
+    (out / "cut.tar").write_bytes(data[: data.index(b"cut-a.flac") + 512 + 100])
+    return out
+
+
+def damaged_spec(bad_shards, more_damage) -> str:
+    names = ",".join(sorted(p.name for p in bad_shards.glob("*.tar")))
+    return f"{bad_shards}/{{{names}}}::{more_damage}/absent.tar::{more_damage}/cut.tar"
+
+
+# Each damaged sample of bad_shards + more_damage counted once. A sample without .flac and one with
+# a 0-byte .flac are both empty_audio, a sample without .json and one with a 0-byte .json both
+# missing_json: DALI reads an absent member as a 0-byte one, so neither backend tells them apart.
+DAMAGE_COUNTS = {"decode_error": 1, "missing_json": 2, "bad_json": 1, "empty_caption": 1, "empty_audio": 2,
+                 "truncated_tar": 2}
+
+
+def test_backends_count_the_same_skips_on_one_damaged_shard_set(bad_shards, more_damage):
+    """Evaluation over 2 ranks: the skip counts summed over ranks (what the trainer reports) are
+    the same on both backends, each fault once, a truncated shard included."""
+    totals = {}
+    for backend in ("wds", "dali"):
+        cfg = make_cfg(damaged_spec(bad_shards, more_damage), f"data.backend={backend}", "data.batch_size=4",
+                       "data.workers=0")
+        total: dict[str, int] = {}
+        for rank in range(2):
+            loader = build_loader(cfg, cfg.data.train, rank=rank, world_size=2, train=False)
+            list(loader)
+            for reason, n in loader.skipped.items():
+                total[reason] = total.get(reason, 0) + n
+        totals[backend] = total
+    assert totals["wds"] == totals["dali"] == DAMAGE_COUNTS
+
+
+def test_dali_counts_a_truncated_shard_once_per_epoch_across_ranks(bad_shards, more_damage):
+    """Training, 2 ranks, epoch mode: each truncated shard is counted by one rank once per epoch
+    (as the webdataset backend counts it once per read), not by every rank at construction."""
+    cfg = make_cfg(damaged_spec(bad_shards, more_damage), "data.backend=dali", "data.batch_size=2",
+                   "data.workers=0", "data.resampled=false")
+    loaders = [build_loader(cfg, cfg.data.train, rank=r, world_size=2) for r in range(2)]
+    assert sum(ld.skipped.get("truncated_tar", 0) for ld in loaders) == 0  # nothing read yet
+    for epochs in (1, 2):
+        for ld in loaders:
+            list(ld)
+        assert sum(ld.skipped.get("truncated_tar", 0) for ld in loaders) == 2 * epochs
+

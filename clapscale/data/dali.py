@@ -87,7 +87,7 @@ def flac_header(data: bytes) -> tuple[int, int]:
     broken first metadata block. ``total_samples`` is 0 when the encoder did not record it.
     """
     if not data:
-        raise SkipSample("empty_audio", "0-byte audio member")
+        raise SkipSample("empty_audio", "absent or 0-byte .flac member")
     if len(data) < 42 or data[:4] != b"fLaC" or (data[4] & 0x7F) != 0 or data[5:8] != b"\x00\x00\x22":
         raise SkipSample("decode_error", "not a FLAC stream (bad magic or STREAMINFO)")
     info = int.from_bytes(data[8:42], "big")
@@ -214,12 +214,14 @@ class DaliLoader:
 
         DALI aborts the whole pipeline on an index entry past the end of its tar, so a truncated
         shard gets a trimmed index (only samples that lie wholly inside the file) in a temp dir and
-        is counted once as ``truncated_tar``; a missing shard is dropped and counted as
-        ``unreadable_shard``. Reads only the small ``.idx`` files and one ``stat`` per shard.
+        is recorded as ``truncated_tar``; a missing shard is dropped and recorded as
+        ``unreadable_shard``. Recorded, not counted: a fault is counted when a pass reads its shard
+        (``_count_faults``). Reads only the small ``.idx`` files and one ``stat`` per shard.
         """
         self._paths: list[str] = []
         self._index_paths: list[str] = []
         self._shard_index: dict[str, tuple[str, int]] = {}  # readable shard -> (its index, samples)
+        self._faults: dict[str, tuple[str, str]] = {}  # damaged shard -> (skip reason, detail)
         total = 0
         for url in self.urls:
             idx = url[:-4] + ".idx" if url.endswith(".tar") else url + ".idx"
@@ -234,12 +236,12 @@ class DaliLoader:
             try:
                 size = os.stat(url).st_size
             except OSError as e:
-                self._skip("unreadable_shard", url, repr(e))
+                self._faults[url] = ("unreadable_shard", repr(e))
                 continue
             entries = [ln for ln in lines[1 : count + 1] if ln.strip()]
             whole = [ln for ln in entries if _index_line_end(ln) <= size]
             if len(whole) < len(entries):
-                self._skip("truncated_tar", url, f"{len(entries) - len(whole)} sample(s) past the end")
+                self._faults[url] = ("truncated_tar", f"{len(entries) - len(whole)} sample(s) past the end")
                 if not whole:
                     continue
                 if self._tmpdir is None:
@@ -251,6 +253,23 @@ class DaliLoader:
             self._shard_index[url] = (idx, len(whole))
             total += len(whole)
         return total
+
+    def _count_faults(self, order: list[str], mine: list[str] | None) -> None:
+        """Count the shard faults of one pass over ``order`` that fall to this rank, so that each is
+        counted once per pass across ranks (the trainer sums the ranks' counts), as the webdataset
+        backend counts it once per read. A shard this rank reads whole (``mine``: this rank's
+        shards) is this rank's; one that several ranks read parts of (``mine`` None: DALI's
+        sample-range split) or that no rank reads (dropped) is rank ``position % world_size``'s."""
+        for i, url in enumerate(order):
+            if url not in self._faults:
+                continue
+            if mine is not None and url in self._shard_index:
+                ours = url in mine
+            else:
+                ours = i % self.world_size == self.rank
+            if ours:
+                reason, detail = self._faults[url]
+                self._skip(reason, url, detail)
 
     def _plan(self, epoch: int) -> list[tuple[list[str], list[str], int, int, int]]:
         """Per training reader, this rank's part of the epoch: (tar paths, index paths, DALI
@@ -552,6 +571,10 @@ class DaliLoader:
         skips = resume["skip_rows"] or [0] * n
         self._streams = []
         plan = self._plan(self.epoch)
+        if resume["readers"] is None:  # a fresh epoch (a resumed one has its faults in the saved counts)
+            for urls, (paths, _, _, num_shards, _) in zip(self._stream_urls, plan):
+                order = epoch_shard_order(urls, self.data_cfg.seed, self.epoch)
+                self._count_faults(order, paths if num_shards == 1 else None)
         for i, ((paths, idx, shard_id, num_shards, _), ckpt, skip) in enumerate(zip(plan, checkpoints, skips)):
             seed = zlib.crc32(f"{self.data_cfg.seed}/{self.epoch}/{self.rank}/{i}".encode())
             # The readers share data.shuffle_buffer: one raw FLAC per slot, so S sources at the full
@@ -630,6 +653,7 @@ class DaliLoader:
         self.set_epoch(self.epoch + 1)
 
     def _iter_eval(self) -> Iterator[dict[str, Any]]:
+        self._count_faults(self.urls, None)
         reader = self._build_reader(
             self._paths, self._index_paths, self.rank, self.world_size, seed=self.data_cfg.seed
         )

@@ -56,13 +56,14 @@ from clapscale.shards.builder import SILENCE_PEAK
 
 log = logging.getLogger(__name__)
 
+# A 0-byte member counts as an absent one (missing_json, empty_audio) on both backends: DALI's reader
+# hands an absent member over as a 0-byte one, so it cannot tell the two apart.
 SKIP_REASONS = (
-    "missing_audio",  # a sample without a .flac member
-    "missing_json",  # a sample without a .json member
+    "missing_json",  # a sample without a .json member, or with a 0-byte one
     "bad_json",  # .json that does not parse to an object
     "empty_caption",  # "text" empty or only blank strings
     "decode_error",  # .flac that libsndfile cannot decode
-    "empty_audio",  # decodes to zero samples
+    "empty_audio",  # no audio: a sample without a .flac member, a 0-byte one, or one of zero samples
     "sample_rate",  # not the configured sample rate (shards are written at 48 kHz)
     "truncated_tar",  # a shard ending mid-member (samples before the cut are kept)
     "unreadable_shard",  # a shard that cannot be opened at all
@@ -129,8 +130,8 @@ def parse_meta(raw: dict[str, Any], on_warn: Callable[[str, str], None] | None =
     """The sample's JSON object, with ``tag`` normalised to a list of strings (``tags`` read as an
     alias, a bare value coerced: see ``normalise_tags``; each coercion reported through
     ``on_warn(reason, detail)``). Raises ``SkipSample`` for a missing or bad JSON or no caption."""
-    if "json" not in raw:
-        raise SkipSample("missing_json")
+    if not raw.get("json"):
+        raise SkipSample("missing_json", "absent or 0-byte .json member")
     try:
         meta = json.loads(raw["json"])
     except (ValueError, UnicodeDecodeError) as e:
@@ -178,7 +179,7 @@ def decode_sample(
     ``parse_meta``)."""
     meta = parse_meta(raw, on_warn)
     if "flac" not in raw:
-        raise SkipSample("missing_audio")
+        raise SkipSample("empty_audio", "no .flac member")
     rng = sample_rng(data_cfg.seed, epoch, raw["__key__"]) if train else None
     wave = decode_audio(raw["flac"], audio_cfg)
     # Caption first, then the crop: the same draw order as the DALI backend, so one seed gives
