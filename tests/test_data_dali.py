@@ -256,3 +256,37 @@ def test_dali_counts_a_truncated_shard_once_per_epoch_across_ranks(bad_shards, m
             list(ld)
         assert sum(ld.skipped.get("truncated_tar", 0) for ld in loaders) == 2 * epochs
 
+
+def test_a_position_saved_by_one_backend_is_refused_clearly_by_the_other(clean_shards):
+    """Switching data.backend on resume: each backend names the other in a ValueError (the trainer
+    reports it), instead of a bare KeyError from a field only its own positions have."""
+    over = ("data.batch_size=2", "data.workers=0", "data.resampled=false")
+    wds_cfg = make_cfg(clean_spec(clean_shards), *over)
+    dali_cfg = make_cfg(clean_spec(clean_shards), *over, "data.backend=dali")
+    saved = {}
+    for name, cfg in (("wds", wds_cfg), ("dali", dali_cfg)):
+        loader = build_loader(cfg, cfg.data.train)
+        next(iter(loader))
+        saved[name] = loader.state_dict()
+    with pytest.raises(ValueError, match="saved by data.backend=dali, this run uses wds"):
+        build_loader(wds_cfg, wds_cfg.data.train).load_state_dict(saved["dali"])
+    with pytest.raises(ValueError, match="saved by backend 'wds'"):
+        build_loader(dali_cfg, dali_cfg.data.train).load_state_dict(saved["wds"])
+
+
+def test_dali_resume_over_other_sources_restarts_the_source_counts(clean_shards):
+    """Epoch mode has one reader whatever the sources, so a position saved over one source resumes
+    over the same shards written as two: the stream continues exactly and the per-source counts
+    restart (as on the webdataset backend) instead of failing with an IndexError."""
+    over = ("data.backend=dali", "data.batch_size=2", "data.workers=0", "data.resampled=false")
+    one = make_cfg(clean_spec(clean_shards), *over)
+    two = make_cfg(f"{clean_shards}/{{000000..000001}}.tar::{clean_shards}/{{000002..000003}}.tar", *over)
+    full = keys_of(build_loader(one, one.data.train))
+    first = build_loader(one, one.data.train)
+    it = iter(first)
+    taken = keys_of([next(it) for _ in range(3)])
+    resumed = build_loader(two, two.data.train)
+    resumed.load_state_dict(first.state_dict())
+    rest = keys_of(resumed)
+    assert taken + rest == full
+    assert len(resumed.source_counts) == 2 and sum(resumed.source_counts) == len(rest)

@@ -561,7 +561,9 @@ class DaliLoader:
         self._position = None
         self.skipped = {k: int(v) for k, v in state.get("skipped", {}).items()}
         self.warned = {k: int(v) for k, v in state.get("warned", {}).items()}
-        self.source_counts = [int(c) for c in state.get("source_counts", [0] * len(self.sources))]
+        counts = [int(c) for c in state.get("source_counts", [])]
+        # A position saved over other sources (epoch mode: still one reader) restarts the counts.
+        self.source_counts = counts if len(counts) == len(self.sources) else [0] * len(self.sources)
 
     def _open_epoch(self) -> None:
         """This epoch's readers, at the start of the epoch or at the restored position."""

@@ -546,7 +546,14 @@ class WdsLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position. The worker count and world size must match the run that
-        saved it (the position is per worker)."""
+        saved it (the position is per worker), and so must the backend."""
+        backend = state.get("backend", "wds")  # the DALI loader's position names it; ours predates the key
+        if backend != "wds":
+            raise ValueError(
+                f"data position was saved by data.backend={backend}, this run uses wds: the two "
+                f"backends' positions do not translate; resume with data.backend={backend}, or start the "
+                "data stream afresh by dropping the loader state"
+            )
         if state["workers"] != self.num_workers or state["world_size"] != self.world_size:
             raise ValueError(
                 f"data position was saved with {state['workers']} loader workers x "
