@@ -14,6 +14,7 @@ two parameter groups: weight decay on weight matrices, none on norms, biases and
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -86,6 +87,11 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.d
     """
     import deepspeed
 
+    # DeepSpeed's ZeRO collectives call torch.distributed.all_gather_into_tensor and
+    # reduce_scatter_tensor, which torch 2.14 marks deprecated: a FutureWarning per rank and call
+    # (every step), not ours to fix. Registered here, once, rather than at import.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated\. Please use",
+                            category=FutureWarning)
     check_precision(cfg, device)
     model.to(device)
     _lift_scalar_parameters(model)
