@@ -123,3 +123,59 @@ def test_a_directory_without_shards_is_a_problem(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert make_shards(["--verify", str(tmp_path / "empty")]) == 1
     assert f"PROBLEM {tmp_path / 'empty'}: no *.tar below it" in capsys.readouterr().err
+
+
+_VERIFY_PROBE = """
+import json, resource
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a safety net for the machine
+from pathlib import Path
+from clapscale.shards import verify
+
+def high_water_kb():
+    # VmHWM, not ru_maxrss: ru_maxrss carries over exec from the forked (large) pytest parent.
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+
+base = high_water_kb()
+problems, samples, seconds = ACTION
+print(json.dumps({"problems": problems, "samples": samples, "seconds": seconds,
+                  "peak_mb": (high_water_kb() - base) / 1024}))
+"""
+
+
+def _verify_peak(action: str) -> dict:
+    """Run ``action`` (an expression over ``verify`` giving problems, samples, seconds) in a fresh
+    interpreter; its result and the peak resident memory it added (MB)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _VERIFY_PROBE.replace("ACTION", action)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_verify_reads_a_large_shard_in_bounded_memory(tmp_path):
+    """--verify holds one block of one member at a time, not the tar (issue 9: bounded memory): a
+    shard of one 6-minute noise clip (~30 MB of FLAC) is checked, both as our shard set (sha256,
+    content_hash) and as a set made elsewhere, in well under the size of the tar."""
+    src = tmp_path / "src" / "field"
+    src.mkdir(parents=True)
+    seconds = 360
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(src / "long_walk.wav", "w", SR, 1, subtype="PCM_16") as f:
+        for _ in range(seconds // 30):  # noise: FLAC barely compresses it
+            f.write((0.1 * rng.standard_normal(30 * SR)).astype(np.float32))
+    out = tmp_path / "out"
+    assert make_shards(["--from-dir", str(tmp_path / "src"), "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    (tar,) = (out / "train").glob("*.tar")
+    tar_mb = tar.stat().st_size / 2**20
+    bound_mb = 10  # a few decode blocks of 2^18 frames (1 MB as float32) and their temporaries
+    assert tar_mb > 2.5 * bound_mb, tar_mb  # reading the tar whole cost 65 MB here (twice the tar)
+
+    ours = _verify_peak(f"(lambda r: (r.problems, r.samples, r.seconds))(verify.verify_shards(Path({str(out)!r})))")
+    assert (ours["problems"], ours["samples"]) == ([], 1) and ours["seconds"] == pytest.approx(seconds)
+    assert ours["peak_mb"] < bound_mb, (ours["peak_mb"], tar_mb)
+    foreign = _verify_peak(f"verify.verify_foreign_tar(Path({str(tar)!r}), 'train/{tar.name}')")
+    assert (foreign["problems"], foreign["samples"]) == ([], 1) and foreign["seconds"] == pytest.approx(seconds)
+    assert foreign["peak_mb"] < bound_mb, (foreign["peak_mb"], tar_mb)

@@ -17,13 +17,12 @@ present, agree with the tars. A missing ``sizes.json`` or ``.idx`` is noted, not
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import soundfile as sf
 
@@ -33,6 +32,10 @@ from clapscale.shards.index import find_tars, idx_path_of, index_tar, split_memb
 from clapscale.shards.writer import IDX_VERSION, KEY_RE, MANIFEST_NAME, SIZES_NAME
 
 _GNU_MAGIC = b"ustar  \0"
+# Frames decoded at a time when checking a FLAC: memory stays bounded for clips of any length.
+_BLOCK_FRAMES = 1 << 18  # 5.5 s at 48 kHz: 1 MB per channel as float32
+# Bytes read at a time when hashing a tar.
+_READ_BYTES = 1 << 20
 
 
 @dataclass
@@ -73,39 +76,76 @@ def _check_meta(where: str, meta: Any, split: str) -> list[str]:
     return p
 
 
+def _sha256_of(path: Path) -> str:
+    """sha256 of a file, read in chunks of ``_READ_BYTES``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_READ_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def verify_tar(tar_path: Path, split: str, expected: dict[str, Any] | None) -> tuple[list[str], int, float, list[str]]:
-    """Check one shard; returns (problems, samples, seconds, keys)."""
+    """Check one shard; returns (problems, samples, seconds, keys).
+
+    Memory stays bounded whatever the shard's size: the tar is hashed in chunks, members are read one
+    at a time from the file, and each FLAC is decoded and hashed in blocks."""
     problems: list[str] = []
     name = f"{split}/{tar_path.name}"
-    data = tar_path.read_bytes()
+    size = tar_path.stat().st_size
     if expected is not None:
-        digest = hashlib.sha256(data).hexdigest()
+        digest = _sha256_of(tar_path)
         if digest != expected.get("sha256"):
             problems.append(f"{name}: sha256 {digest[:16]}... differs from the manifest's {str(expected.get('sha256'))[:16]}... "
                             "(the file was modified or corrupted)")
-        if len(data) != expected.get("bytes", len(data)):
-            problems.append(f"{name}: {len(data)} bytes, manifest says {expected.get('bytes')}")
-    try:
-        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
-        members = tf.getmembers()
-    except tarfile.TarError as exc:
-        return problems + [f"{name}: not a readable tar ({exc})"], 0, 0.0, []
-    idx_lines, keys, seconds = [], [], 0.0
+        if size != expected.get("bytes", size):
+            problems.append(f"{name}: {size} bytes, manifest says {expected.get('bytes')}")
+    with open(tar_path, "rb") as raw:
+        try:
+            tf = tarfile.open(fileobj=raw, mode="r:")
+            members = tf.getmembers()
+        except tarfile.TarError as exc:
+            return problems + [f"{name}: not a readable tar ({exc})"], 0, 0.0, []
+        # All headers are read: seeking ``raw`` below is safe (extractfile seeks before each read).
+        idx_lines, keys, seconds = _verify_members(tf, raw, members, name, split, size, problems)
+    idx_path = idx_path_of(tar_path)
+    if not idx_path.exists():
+        problems.append(f"{name}: index {idx_path.name} is missing")
+    else:
+        want = f"{IDX_VERSION} {len(keys)}\n" + "".join(line + "\n" for line in idx_lines)
+        if idx_path.read_text() != want:
+            problems.append(f"{name}: index {idx_path.name} does not match the tar's members and offsets")
+    if expected is not None:
+        if expected.get("samples") != len(keys):
+            problems.append(f"{name}: holds {len(keys)} samples, manifest says {expected.get('samples')}")
+        if abs(float(expected.get("seconds", 0)) - seconds) > 1e-2:
+            problems.append(f"{name}: holds {seconds:.3f} s of audio, manifest says {expected.get('seconds')}")
+    return problems, len(keys), seconds, keys
+
+
+def _verify_members(tf: tarfile.TarFile, raw: BinaryIO, members: list[tarfile.TarInfo], name: str, split: str,
+                    size: int, problems: list[str]) -> tuple[list[str], list[str], float]:
+    """The per-sample checks of ``verify_tar`` (appended to ``problems``); -> (idx lines, keys, seconds)."""
+    idx_lines: list[str] = []
+    keys: list[str] = []
+    seconds = 0.0
     i = 0
     while i < len(members):
         m = members[i]
-        if data[m.offset + 257:m.offset + 265] != _GNU_MAGIC:
+        raw.seek(m.offset + 257)
+        if raw.read(len(_GNU_MAGIC)) != _GNU_MAGIC:
             problems.append(f"{name}: member {m.name} does not have a GNU tar header")
         if not m.isfile():
             problems.append(f"{name}: member {m.name} is not a regular file")
             i += 1
             continue
         key, _, ext = m.name.partition(".")
-        if ext != "flac" or i + 1 >= len(members) or members[i + 1].name != f"{key}.json":
+        if ext != "flac" or i + 1 >= len(members) or members[i + 1].name != f"{key}.json" or not members[i + 1].isfile():
             problems.append(f"{name}: sample {key!r} lacks an adjacent .flac + .json pair (found {m.name})")
             i += 1
             continue
         j = members[i + 1]
+        i += 2
         where = f"{name}:{key}"
         if not KEY_RE.match(key):
             problems.append(f"{where}: invalid key (letters, digits, '_' and '-' only)")
@@ -113,9 +153,11 @@ def verify_tar(tar_path: Path, split: str, expected: dict[str, Any] | None) -> t
             problems.append(f"{where}: keys out of order or repeated (after {keys[-1]!r})")
         keys.append(key)
         idx_lines.append(f"flac {m.offset_data} {m.size} {m.name} json {j.offset_data} {j.size} {j.name}")
-        flac = data[m.offset_data:m.offset_data + m.size]
+        if max(x.offset_data + x.size for x in (m, j)) > size:
+            problems.append(f"{where}: the file ends inside this sample (truncated)")
+            continue
         try:
-            meta = json.loads(data[j.offset_data:j.offset_data + j.size].decode("utf-8"))
+            meta = json.loads(_read_member(tf, j).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             problems.append(f"{where}: JSON does not parse ({exc})")
             meta = None
@@ -124,7 +166,7 @@ def verify_tar(tar_path: Path, split: str, expected: dict[str, Any] | None) -> t
         try:
             # Decoded and hashed in blocks: a long clip never has its whole PCM in memory.
             digest, frames = hashlib.sha256(), 0
-            with sf.SoundFile(io.BytesIO(flac)) as f:
+            with sf.SoundFile(tf.extractfile(m)) as f:
                 fmt = (f.format, f.subtype, f.samplerate, f.channels)
                 for block in f.blocks(blocksize=_BLOCK_FRAMES, dtype="int16"):
                     digest.update(block.astype("<i2").tobytes())
@@ -139,20 +181,14 @@ def verify_tar(tar_path: Path, split: str, expected: dict[str, Any] | None) -> t
                     problems.append(f"{where}: decoded PCM does not match content_hash")
         except (sf.LibsndfileError, RuntimeError) as exc:
             problems.append(f"{where}: FLAC does not decode ({exc})")
-        i += 2
-    idx_path = tar_path.with_suffix(".idx")
-    if not idx_path.exists():
-        problems.append(f"{name}: index {idx_path.name} is missing")
-    else:
-        want = f"{IDX_VERSION} {len(keys)}\n" + "".join(line + "\n" for line in idx_lines)
-        if idx_path.read_text() != want:
-            problems.append(f"{name}: index {idx_path.name} does not match the tar's members and offsets")
-    if expected is not None:
-        if expected.get("samples") != len(keys):
-            problems.append(f"{name}: holds {len(keys)} samples, manifest says {expected.get('samples')}")
-        if abs(float(expected.get("seconds", 0)) - seconds) > 1e-2:
-            problems.append(f"{name}: holds {seconds:.3f} s of audio, manifest says {expected.get('seconds')}")
-    return problems, len(keys), seconds, keys
+    return idx_lines, keys, seconds
+
+
+def _read_member(tf: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """A small member's bytes (a JSON); audio members are streamed, never read whole."""
+    f = tf.extractfile(member)
+    assert f is not None, member.name  # only regular files get here
+    return f.read()
 
 
 def _verify_job(job: tuple[str, str, dict[str, Any] | None]) -> tuple[list[str], int, float, list[str]]:
@@ -214,14 +250,12 @@ def verify_shards(out: Path, workers: int = 1) -> VerifyReport:
 
 # ----------------------------------------------------------------------------- shard sets made elsewhere
 
-# Frames decoded at a time when checking a FLAC: memory stays bounded for clips of any length.
-_BLOCK_FRAMES = 1 << 20
 
-
-def _check_flac(where: str, flac: bytes) -> tuple[list[str], float]:
-    """Decode one FLAC in blocks: 48 kHz, 16/24-bit, not all-silent after downmix; -> (problems, seconds)."""
+def _check_flac(where: str, flac: BinaryIO) -> tuple[list[str], float]:
+    """Decode one FLAC (a seekable file object) in blocks: 48 kHz, 16/24-bit, not all-silent after
+    downmix; -> (problems, seconds)."""
     try:
-        with sf.SoundFile(io.BytesIO(flac)) as f:
+        with sf.SoundFile(flac) as f:
             fmt = (f.format, f.subtype, f.samplerate)
             frames, peak = 0, 0.0
             for block in f.blocks(blocksize=_BLOCK_FRAMES, dtype="float32", always_2d=True):
@@ -255,40 +289,48 @@ def _check_foreign_meta(where: str, raw: bytes) -> list[str]:
 
 
 def verify_foreign_tar(tar_path: Path, name: str) -> tuple[list[str], int, float]:
-    """Check one shard made elsewhere (see the module docstring); returns (problems, samples, seconds)."""
-    data = Path(tar_path).read_bytes()
+    """Check one shard made elsewhere (see the module docstring); returns (problems, samples, seconds).
+
+    Members are read one at a time from the file and each FLAC is decoded in blocks, so memory stays
+    bounded whatever the shard's size."""
+    size = Path(tar_path).stat().st_size
     members: list[tarfile.TarInfo] = []
     problems: list[str] = []
     try:
-        for m in tarfile.open(fileobj=io.BytesIO(data), mode="r:"):
-            members.append(m)
+        tf = tarfile.open(tar_path, mode="r:")
     except tarfile.TarError as exc:
-        if not members:
-            return [f"{name}: not a readable tar ({exc})"], 0, 0.0
-        # Cut after the last header read: the size check below names the sample it cut.
-    groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
-    for m in members:
-        if not m.isfile():
-            continue
-        key, ext = split_member_name(m.name)
-        if not groups or groups[-1][0] != key:
-            groups.append((key, {}))
-        groups[-1][1][ext] = m
-    seconds = 0.0
-    for key, parts in groups:
-        where = f"{name}:{key}"
-        if "flac" not in parts or "json" not in parts:
-            problems.append(f"{where}: a sample needs adjacent .flac and .json members, found "
-                            f"{sorted('.' + e for e in parts)}")
-            continue
-        j, a = parts["json"], parts["flac"]
-        if max(m.offset_data + m.size for m in (a, j)) > len(data):
-            problems.append(f"{where}: the file ends inside this sample (truncated)")
-            continue
-        problems += _check_foreign_meta(where, data[j.offset_data:j.offset_data + j.size])
-        flac_problems, clip_seconds = _check_flac(where, data[a.offset_data:a.offset_data + a.size])
-        problems += flac_problems
-        seconds += clip_seconds
+        return [f"{name}: not a readable tar ({exc})"], 0, 0.0
+    with tf:
+        try:
+            for m in tf:
+                members.append(m)
+        except tarfile.TarError as exc:
+            if not members:
+                return [f"{name}: not a readable tar ({exc})"], 0, 0.0
+            # Cut after the last header read: the size check below names the sample it cut.
+        groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
+        for m in members:
+            if not m.isfile():
+                continue
+            key, ext = split_member_name(m.name)
+            if not groups or groups[-1][0] != key:
+                groups.append((key, {}))
+            groups[-1][1][ext] = m
+        seconds = 0.0
+        for key, parts in groups:
+            where = f"{name}:{key}"
+            if "flac" not in parts or "json" not in parts:
+                problems.append(f"{where}: a sample needs adjacent .flac and .json members, found "
+                                f"{sorted('.' + e for e in parts)}")
+                continue
+            j, a = parts["json"], parts["flac"]
+            if max(m.offset_data + m.size for m in (a, j)) > size:
+                problems.append(f"{where}: the file ends inside this sample (truncated)")
+                continue
+            problems += _check_foreign_meta(where, _read_member(tf, j))
+            flac_problems, clip_seconds = _check_flac(where, tf.extractfile(a))
+            problems += flac_problems
+            seconds += clip_seconds
     idx = idx_path_of(tar_path)
     if idx.exists() and groups:
         try:
