@@ -228,6 +228,21 @@ def test_counts_without_sizes_json_beside_the_shards(clean_shards, tmp_path, lay
     assert len(build_loader(cfg, spec)) == sum(sizes.values()) // 4  # resampled: nominal epoch from counts
 
 
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_eval_with_fewer_samples_than_ranks_reads_each_once(clean_shards, backend):
+    """4 clips on 6 ranks: two ranks read nothing, the others one clip each, none twice."""
+    from clapscale.data import build_loader
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    spec = f"{clean_shards}/000000.tar"
+    cfg = make_cfg(spec, "data.batch_size=2", "data.workers=0", f"data.backend={backend}")
+    per_rank = [[k for b in build_loader(cfg, spec, rank=r, world_size=6, train=False) for k in b["keys"]]
+                for r in range(6)]
+    assert sorted(k for keys in per_rank for k in keys) == [f"clean-{i:03d}" for i in range(4)]
+    assert sorted(len(keys) for keys in per_rank) == [0, 0, 1, 1, 1, 1]
+
+
 def _bytes_read_by_this_process() -> int:
     with open("/proc/self/io") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))

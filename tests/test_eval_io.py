@@ -77,3 +77,49 @@ def test_two_ranks_read_the_split_once_in_total(setup):  # noqa: F811 - the impo
     # Each rank reads its own part (3 of 7 clips, 4 of 7), together about what one process reads.
     assert all(0 < r < 0.75 * one_rank_read for r in reads), reads
     assert sum(reads) <= 1.02 * one_rank_read, (reads, one_rank_read)
+
+
+_TRAINER_EVAL_ON_TWO_RANKS = '''
+import dataclasses, json, sys
+import torch, torch.distributed as dist
+from clapscale.eval.runner import evaluate_tasks
+from clapscale.models import load_model
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model, cfg = load_model(sys.argv[1])
+cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=sys.argv[2], backend=sys.argv[3], workers=0))
+results = evaluate_tasks(model, cfg, rank=rank, world_size=2, device="cpu", tasks=["retrieval"])
+print(json.dumps([r.to_dict() for r in results]))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_split_with_fewer_clips_than_ranks_evaluates_on_both_backends(setup, backend):  # noqa: F811
+    """A 1-clip validation split on 2 ranks, through the trainer's evaluation path (the loader the
+    config's backend builds): the rank without a clip reads nothing and both ranks report the
+    one-process result (DALI refused such a split at loader construction, crashing the trainer)."""
+    import dataclasses
+
+    from clapscale.shards.synthetic import generate
+    from clapscale.shards.writer import write_shards
+
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    root = setup["root"] / f"one-clip-{backend}"
+    write_shards(generate("valid", 1, seed=11), root, "valid", shard_size=3)
+    spec = str(root / "valid" / "000000.tar")
+    cfg = setup["cfg"]
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=spec, workers=0))
+    (single,) = evaluate_tasks(setup["model"], cfg, rank=0, world_size=1, device="cpu", tasks=["retrieval"])
+    assert single.info["clips"] == 1
+
+    runs = run_two_ranks(_TRAINER_EVAL_ON_TWO_RANKS, [str(setup["root"] / "model"), spec, backend], timeout=180)
+    assert all(rc == 0 for rc, _, _ in runs), runs[0][2][-2000:] + runs[1][2][-2000:]
+    out = [json.loads(stdout.splitlines()[-1]) for _, stdout, _ in runs]
+    assert out[0] == out[1]
+    (got,) = out[0]
+    assert got["info"] == single.info
+    assert got["metrics"] == pytest.approx(single.metrics, abs=1e-6)

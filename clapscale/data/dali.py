@@ -173,11 +173,8 @@ class DaliLoader:
             for u in src.urls:
                 self._source_of.setdefault(u, i)
         self._stream_urls: list[list[str]] = []  # shards of each training reader (all of them, any order)
-        if self._total < world_size:
-            raise ValueError(
-                f"data spec holds {self._total} samples for {world_size} ranks: every rank needs "
-                f"at least one; give at least {world_size} samples"
-            )
+        # Fewer samples than ranks is fine in evaluation (a rank without any reads nothing); in
+        # training it is fewer than one global batch, refused just below.
         if train:
             self._nominal = self._total // (data_cfg.batch_size * world_size)
             if self._nominal == 0:
@@ -656,10 +653,15 @@ class DaliLoader:
 
     def _iter_eval(self) -> Iterator[dict[str, Any]]:
         self._count_faults(self.urls, None)
-        reader = self._build_reader(
-            self._paths, self._index_paths, self.rank, self.world_size, seed=self.data_cfg.seed
-        )
         remaining = self._shard_samples()
+        if remaining == 0:
+            return  # fewer samples than ranks left this rank none; evaluate_tasks still joins its gathers
+        shard_id, num_shards = self.rank, self.world_size
+        if self._total < self.world_size:
+            # DALI refuses more shards than samples. Here a rank holds one sample, number r N // W
+            # of DALI's split, which is shard r N // W of N.
+            shard_id, num_shards = self.rank * self._total // self.world_size, self._total
+        reader = self._build_reader(self._paths, self._index_paths, shard_id, num_shards, seed=self.data_cfg.seed)
         pending: list[dict[str, Any]] = []
         bsz = self.data_cfg.batch_size
         while remaining > 0:
