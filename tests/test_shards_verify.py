@@ -179,3 +179,25 @@ def test_verify_reads_a_large_shard_in_bounded_memory(tmp_path):
     foreign = _verify_peak(f"verify.verify_foreign_tar(Path({str(tar)!r}), 'train/{tar.name}')")
     assert (foreign["problems"], foreign["samples"]) == ([], 1) and foreign["seconds"] == pytest.approx(seconds)
     assert foreign["peak_mb"] < bound_mb, (foreign["peak_mb"], tar_mb)
+
+
+def test_shards_not_named_tar_get_one_index_each(laion_set, tmp_path):
+    """One rule says where a shard's .idx is (index.idx_path_of), for the indexer, --verify and the
+    loaders' sample counts alike: ``N.tar`` -> ``N.idx``; any other name gets ``.idx`` appended, so
+    ``part.000`` and ``part.001`` do not share (and overwrite) one ``part.idx``."""
+    from clapscale.data.specs import shard_sizes
+    from clapscale.shards.index import idx_path_of, index_tar
+    from clapscale.shards.verify import verify_foreign_tar
+
+    d = tmp_path / "odd"
+    d.mkdir()
+    parts = [d / "part.000", d / "part.001"]
+    shutil.copy(laion_set / "clotho" / "train" / "0.tar", parts[0])  # 3 samples
+    shutil.copy(laion_set / "audiocaps" / "valid" / "0.tar", parts[1])  # 4 samples
+    assert make_shards(["index", *map(str, parts)]) == 0
+    assert [idx_path_of(p).name for p in parts] == ["part.000.idx", "part.001.idx"]
+    assert idx_path_of(d / "7.tar") == d / "7.idx"
+    for p in parts:
+        assert idx_path_of(p).read_text() == index_tar(p).text()
+        assert verify_foreign_tar(p, p.name)[0] == []
+    assert shard_sizes([str(p) for p in parts]) == {str(parts[0]): 3, str(parts[1]): 4}

@@ -71,7 +71,8 @@ from clapscale.data.wds import (
     sample_rng,
     text_fields,
 )
-from clapscale.shards.builder import SILENCE_PEAK
+from clapscale.shards.audio_io import SILENCE_PEAK
+from clapscale.shards.index import idx_path_of
 
 # Source picks are drawn in blocks of this many from a generator of (seed, epoch, rank, block), so a
 # resumed run finds pick k without replaying the k before it.
@@ -221,7 +222,7 @@ class DaliLoader:
         self._faults: dict[str, tuple[str, str]] = {}  # damaged shard -> (skip reason, detail)
         total = 0
         for url in self.urls:
-            idx = url[:-4] + ".idx" if url.endswith(".tar") else url + ".idx"
+            idx = str(idx_path_of(url))
             try:
                 lines = Path(idx).read_text().splitlines()
                 count = int(lines[0].split()[1])

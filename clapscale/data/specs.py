@@ -25,6 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 import braceexpand
 
 from clapscale.config import ConfigError
+from clapscale.shards.index import idx_path_of
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,7 @@ def shard_sizes(urls: list[str]) -> dict[str, int]:
                 f"tools/make_shards.py writes) or the shard set's manifest.json where "
                 f"{_sibling(url, SIZES_NAME)} reads it"
             )
-        idx = Path(url).with_suffix(".idx")
+        idx = idx_path_of(url)
         if idx.is_file():
             with idx.open() as f:
                 out[url] = int(f.readline().split()[1])

@@ -52,7 +52,7 @@ from clapscale.data.captions import EmptyCaptionError, choose_caption, clean_cap
 from clapscale.data.policies import apply_length_policy
 from clapscale.data.shardio import ByteCounter, ShuffleBuffer, eval_plan, iter_tar_samples, resume_stream
 from clapscale.data.specs import Source, all_urls, check_shards_exist, shard_sizes
-from clapscale.shards.builder import SILENCE_PEAK
+from clapscale.shards.audio_io import SILENCE_PEAK
 
 log = logging.getLogger(__name__)
 

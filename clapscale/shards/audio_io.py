@@ -30,6 +30,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from clapscale.errors import UserError
 
 SAMPLE_RATE = 48000
+# A clip whose peak stays within 1 LSB of 16-bit PCM would be stored as (almost) all zeros: make_shards
+# rejects it, --verify names it and both loaders skip it as "silent".
+SILENCE_PEAK = 1.5 / 32768
 # Channel counts above this are not a listening format (multitrack stems, ambisonics, arrays):
 # averaging them into "mono" would silently produce something nobody intended.
 MAX_CHANNELS = 8

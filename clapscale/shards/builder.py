@@ -54,7 +54,10 @@ import numpy as np
 import soundfile as sf
 
 from clapscale.shards import synthetic
-from clapscale.shards.audio_io import SAMPLE_RATE, AudioDecodeError, EncodedAudio, encode_flac_stream, iter_audio
+from clapscale.shards.audio_io import (
+    SAMPLE_RATE, SILENCE_PEAK, AudioDecodeError, EncodedAudio, encode_flac_stream, iter_audio,
+)
+from clapscale.shards.index import idx_path_of
 from clapscale.shards.sources import Item, assign_keys
 from clapscale.shards.writer import (
     EncodedSample, ShardInfo, encode_record, shard_name, update_manifest, write_json, write_shard,
@@ -62,8 +65,6 @@ from clapscale.shards.writer import (
 
 STATE_DIR = ".make_shards"
 REJECTS_NAME = "rejects.jsonl"
-# A clip whose peak stays within 1 LSB of 16-bit PCM would be stored as (almost) all zeros.
-SILENCE_PEAK = 1.5 / 32768
 MIN_SECONDS = 0.1
 
 
@@ -506,7 +507,7 @@ def _remove_unrecorded_shards(split_dir: Path, kept: set[str]) -> None:
     if split_dir.is_dir():
         for tar in split_dir.glob("*.tar"):
             if tar.name not in kept:
-                tar.with_suffix(".idx").unlink(missing_ok=True)
+                idx_path_of(tar).unlink(missing_ok=True)
                 tar.unlink()
 
 

@@ -10,6 +10,9 @@ under the same keys: consecutive members whose names agree up to the first dot o
 (``mnt/data.v2/clotho/12.flac`` is key ``mnt/data.v2/clotho/12``, extension ``flac``; a dot in a
 directory name does not split). Index format v1.2: ``v1.2 N`` then one line per sample of
 ``ext data_offset size member_name`` groups.
+
+Where a shard's index lives is one rule, :func:`idx_path_of`, used by the writer, the indexer,
+``--verify`` and both loaders.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clapscale.shards.writer import IDX_VERSION
+IDX_VERSION = "v1.2"
 
 
 class ShardIndexError(ValueError):
@@ -84,9 +87,13 @@ def index_tar(tar_path: Path) -> ShardIndex:
     return index
 
 
-def idx_path_of(tar_path: Path) -> Path:
-    """``.../3.tar`` -> ``.../3.idx`` (where the loaders look for it)."""
-    return Path(tar_path).with_suffix(".idx")
+def idx_path_of(tar_path: str | Path) -> Path:
+    """Where a shard's DALI index lives: ``.../3.tar`` -> ``.../3.idx``; a name not ending in ``.tar``
+    gets ``.idx`` appended (``part.000`` -> ``part.000.idx``), so two shards never share an index."""
+    tar_path = Path(tar_path)
+    if tar_path.name.endswith(".tar"):
+        return tar_path.with_name(tar_path.name[:-len(".tar")] + ".idx")
+    return tar_path.with_name(tar_path.name + ".idx")
 
 
 def write_index(tar_path: Path, index: ShardIndex) -> Path:

@@ -26,10 +26,9 @@ from typing import Any, BinaryIO
 
 import soundfile as sf
 
-from clapscale.shards.audio_io import SAMPLE_RATE
-from clapscale.shards.builder import SILENCE_PEAK
-from clapscale.shards.index import find_tars, idx_path_of, index_tar, split_member_name
-from clapscale.shards.writer import IDX_VERSION, KEY_RE, MANIFEST_NAME, SIZES_NAME
+from clapscale.shards.audio_io import SAMPLE_RATE, SILENCE_PEAK
+from clapscale.shards.index import IDX_VERSION, find_tars, idx_path_of, index_tar, split_member_name
+from clapscale.shards.writer import KEY_RE, MANIFEST_NAME, SIZES_NAME
 
 _GNU_MAGIC = b"ustar  \0"
 # Frames decoded at a time when checking a FLAC: memory stays bounded for clips of any length.

@@ -27,11 +27,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from clapscale.shards.audio_io import SAMPLE_RATE, EncodedAudio, encode_flac_stream
+from clapscale.shards.index import IDX_VERSION, idx_path_of
 
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
-IDX_VERSION = "v1.2"
 _RESERVED = {"key", "audio"}
 
 
@@ -166,7 +166,7 @@ def write_shard(tar_path: Path, samples: list[EncodedSample]) -> ShardInfo:
     tar_path.parent.mkdir(parents=True, exist_ok=True)
     # The index goes first: a final-named tar always has its index beside it.
     idx = f"{IDX_VERSION} {len(samples)}\n" + "\n".join(idx_lines) + "\n"
-    _atomic_write(tar_path.with_suffix(".idx"), idx.encode("utf-8"))
+    _atomic_write(idx_path_of(tar_path), idx.encode("utf-8"))
     _atomic_write(tar_path, data)
     return ShardInfo(
         name=tar_path.name, samples=len(samples), seconds=round(seconds, 6),
