@@ -65,8 +65,8 @@ def cluster(tmp_path):
         subprocess.run([str(REPO / "launch" / "local_slurm.sh"), "stop", str(state)], timeout=60)
 
 
-@pytest.mark.slow
-def test_sbatch_pretrain_two_tasks_on_cpu(cluster, tmp_path):
+def _job_env(cluster: dict) -> dict:
+    """The environment a job is submitted with: the cluster's, offline, CPU DeepSpeed, no rank variables."""
     env = {
         **cluster,
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
@@ -75,6 +75,12 @@ def test_sbatch_pretrain_two_tasks_on_cpu(cluster, tmp_path):
     }
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
+    return env
+
+
+@pytest.mark.slow
+def test_sbatch_pretrain_two_tasks_on_cpu(cluster, tmp_path):
+    env = _job_env(cluster)
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "tools/make_shards.py", "--synthetic", "80", "--out", str(shards),
                     "--shard-size", "16", "--quiet"], cwd=REPO, env=env, check=True, timeout=120)
@@ -134,14 +140,7 @@ def _wait_until_finished(env, job: str, timeout: float, log: Path) -> None:
 
 @pytest.mark.slow
 def test_sigusr1_checkpoints_requeues_and_resumes(cluster, tmp_path):
-    env = {
-        **cluster,
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"), "OMP_NUM_THREADS": "1",
-        "CLAPSCALE_PYTHON": sys.executable,
-    }
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = _job_env(cluster)
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "tools/make_shards.py", "--synthetic", "40", "--out", str(shards),
                     "--shard-size", "16", "--quiet"], cwd=REPO, env=env, check=True, timeout=120)
@@ -227,13 +226,7 @@ def test_each_rank_gets_the_cpus_per_task_it_asked_for(cluster, tmp_path):
 
 @pytest.mark.slow
 def test_submitit_launcher_two_tasks_on_cpu(cluster, tmp_path):
-    env = {
-        **cluster,
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
-        "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"), "OMP_NUM_THREADS": "1",
-    }
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = _job_env(cluster)  # CLAPSCALE_PYTHON, which only pretrain.sh reads, does no harm here
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "tools/make_shards.py", "--synthetic", "40", "--out", str(shards),
                     "--shard-size", "16", "--quiet"], cwd=REPO, env=env, check=True, timeout=120)
