@@ -186,7 +186,10 @@ class Ranks:
 
 def _args(shards: str, out_dir: Path, *extra: str) -> list[str]:
     return ["configs/tiny.yaml", f"data.train={shards}", "data.val=", f"train.out_dir={out_dir}",
-            "data.batch_size=4", "data.resampled=false", "train.eval_every=-1", "train.log_every=1",
+            # A small shuffle buffer: resumes mid-epoch take the branch that seeks past the buffer's
+            # last sample and reads on (tiny.yaml's 256 would only drain a buffer holding the epoch).
+            "data.batch_size=4", "data.resampled=false", "data.shuffle_buffer=4", "train.eval_every=-1",
+            "train.log_every=1",
             f"train.steps={STEPS}", "train.checkpoint_every=2", "train.keep_last=10", "optim.warmup_steps=2",
             f"train.dist_timeout_s={FAULT_TIMEOUT_S}", *extra]
 

@@ -116,3 +116,38 @@ def test_ranks_that_received_different_signals_agree_on_one():
     assert all(rc == 0 for rc, _, _ in runs), [err[-2000:] for _, _, err in runs]
     got = [stdout.split() for _, stdout, _ in runs]
     assert got == [["None", str(int(signal.SIGTERM))]] * 2, got
+
+
+def _raise_inside_torch_distributed(message):
+    """A RuntimeError whose innermost frame is in torch/distributed, as gloo's transport raises them."""
+    import os
+
+    import torch.distributed as dist
+
+    code = compile(f"raise RuntimeError({message!r})", os.path.join(os.path.dirname(dist.__file__), "gloo_io.py"),
+                   "exec")
+    try:
+        exec(code)
+    except RuntimeError as e:
+        return e
+
+
+def test_only_transport_failures_count_as_a_dead_peer():
+    # A shape bug raised by torch.distributed itself must keep its traceback (a real gloo group of
+    # one); gloo's transport failures after a peer died or hung are peer failures.
+    import torch.distributed as dist
+
+    from clapscale.train.distributed import is_peer_failure
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError) as bug:
+            dist.all_gather([torch.empty(2)], torch.empty(3))
+        assert not is_peer_failure(bug.value)
+    finally:
+        dist.destroy_process_group()
+    for message in ("[../third_party/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:3",
+                    "Application timeout caused pair closure",
+                    "Timed out waiting 20000ms for recv operation to complete"):
+        assert is_peer_failure(_raise_inside_torch_distributed(message)), message
+    assert not is_peer_failure(RuntimeError("Connection reset by peer"))  # not raised by torch.distributed

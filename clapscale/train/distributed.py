@@ -149,11 +149,20 @@ def init_process_group(denv: DistEnv, timeout_s: float = 1800.0) -> str:
     return backend
 
 
+# What gloo's transport says when the other side of a pair died, hung past the timeout or dropped
+# off the network. A RuntimeError from torch.distributed without one of these (a shape mismatch,
+# an uninitialised group) is our bug and keeps its traceback.
+_PEER_FAILURE_MESSAGES = (
+    "connection reset by peer", "connection closed by peer", "pair closure", "timed out", "timeout",
+    "broken pipe", "connection refused", "socket closed", "end of file",
+)
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """Whether ``error`` is a collective that failed because of another rank (it died, hung past
     the timeout, or the network dropped): torch's DistError family (NCCL, the store), or a
-    ``RuntimeError`` raised inside torch.distributed itself, as gloo's transport errors are
-    ("Connection reset by peer", "Application timeout caused pair closure")."""
+    ``RuntimeError`` raised inside torch.distributed whose message is one of gloo's transport
+    failures ("Connection reset by peer", "Application timeout caused pair closure", ...)."""
     if isinstance(error, dist.DistError):
         return True
     if not isinstance(error, RuntimeError):
@@ -162,7 +171,10 @@ def is_peer_failure(error: BaseException) -> bool:
     while tb is not None:
         innermost, tb = tb, tb.tb_next
     where = innermost.tb_frame.f_code.co_filename if innermost is not None else ""
-    return os.path.join("torch", "distributed", "") in where
+    if os.path.join("torch", "distributed", "") not in where:
+        return False
+    message = str(error).lower()
+    return any(m in message for m in _PEER_FAILURE_MESSAGES)
 
 
 def describe_peer_failure(denv: DistEnv, error: BaseException, wait_s: float = 10.0) -> str:
