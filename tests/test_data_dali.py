@@ -290,3 +290,30 @@ def test_dali_resume_over_other_sources_restarts_the_source_counts(clean_shards)
     rest = keys_of(resumed)
     assert taken + rest == full
     assert len(resumed.source_counts) == 2 and sum(resumed.source_counts) == len(rest)
+
+
+def test_a_dropped_dali_loader_frees_its_pipeline_threads(clean_shards):
+    """DALI pipelines run native threads. A loader kept alive by a reference cycle until the garbage
+    collector ran kept them too, and a later fork (a webdataset DataLoader worker) could deadlock on a
+    lock one of them held: test_data_wds hung that way after the DALI tests."""
+    import gc
+    import os
+
+    cfg = make_cfg(clean_spec(clean_shards), "data.backend=dali", "data.batch_size=2", "data.workers=0",
+                   "data.resampled=false")
+
+    def threads_after_one_batch() -> tuple[int, int]:
+        loader = build_loader(cfg, cfg.data.train)
+        next(iter(loader))
+        alive = len(os.listdir("/proc/self/task"))
+        del loader
+        return alive, len(os.listdir("/proc/self/task"))
+
+    gc.disable()  # what frees the pipelines must be the last reference going, not a collection
+    try:
+        threads_after_one_batch()  # warm-up: threads the process keeps anyway (torch's pools)
+        before = len(os.listdir("/proc/self/task"))
+        alive, after = threads_after_one_batch()
+    finally:
+        gc.enable()
+    assert alive > before and after == before

@@ -380,20 +380,6 @@ class DaliLoader:
         if pick is not None:
             self._counted.append((pick, "warned", reason))
 
-    def _raw_rows(self, out) -> list[dict[str, Any]]:
-        flac, meta, info = out
-        rows = []
-        for i in range(len(flac)):
-            source = bytes(np.asarray(info[i])).decode("utf-8", "replace")
-            member = source.rsplit(":", 1)[-1]
-            rows.append({
-                "key": split_member_name(member)[0].rsplit("/", 1)[-1],
-                "where": source,
-                "flac": np.asarray(flac[i]),
-                "json": bytes(np.asarray(meta[i])),
-            })
-        return rows
-
     def _check_row(self, row: dict[str, Any]) -> dict[str, Any]:
         """Meta + caption + FLAC header checks; raises SkipSample."""
         raw = {"__key__": row["key"]}
@@ -581,7 +567,7 @@ class DaliLoader:
             # size each would hold S times the memory of the webdataset backend's one buffer.
             fill = self.data_cfg.shuffle_buffer // len(plan)
             build = self._build_reader(paths, idx, shard_id, num_shards, seed, ckpt, fill)
-            self._streams.append(_ReaderStream(build, self._raw_rows, int(skip)))
+            self._streams.append(_ReaderStream(build, int(skip)))
         self._picks = int(resume["picks"])
         self._pick_block = -1
         # Rows handed out since the first sample not yet yielded: (pick, stream, reader checkpoint
@@ -666,7 +652,7 @@ class DaliLoader:
         pending: list[dict[str, Any]] = []
         bsz = self.data_cfg.batch_size
         while remaining > 0:
-            raw = self._raw_rows(reader.run())[:remaining]
+            raw = _raw_rows(reader.run())[:remaining]
             remaining -= len(raw)
             pending.extend(self._process(raw))
             while len(pending) >= bsz:
@@ -680,9 +666,8 @@ class _ReaderStream:
     """One training reader and the rows it has read but not yet handed out, each with the reader
     checkpoint taken before its reader batch and its row in that batch (where a resume starts)."""
 
-    def __init__(self, reader: Any, to_rows: Callable[[Any], list[dict[str, Any]]], skip_rows: int = 0):
+    def __init__(self, reader: Any, skip_rows: int = 0):
         self.reader = reader
-        self._to_rows = to_rows
         self._skip = skip_rows  # rows of the first reader batch already used (resuming inside it)
         self._buffer: deque[tuple[dict[str, Any], Any, int]] = deque()
 
@@ -690,7 +675,7 @@ class _ReaderStream:
         """(row, checkpoint before its reader batch, its row in that batch)."""
         while not self._buffer:
             before = self.reader.checkpoint()
-            rows = self._to_rows(self.reader.run())
+            rows = _raw_rows(self.reader.run())
             self._buffer.extend((row, before, r) for r, row in enumerate(rows) if r >= self._skip)
             self._skip = 0
         return self._buffer.popleft()
@@ -701,6 +686,25 @@ class _ReaderStream:
             _, ckpt, r = self._buffer[0]
             return ckpt, r
         return self.reader.checkpoint(), self._skip
+
+
+def _raw_rows(out) -> list[dict[str, Any]]:
+    """One reader batch -> rows (key, source, FLAC bytes, JSON bytes). A function, not a method:
+    a reader holding a loader method would make a reference cycle that keeps every DALI pipeline (and
+    its threads) alive until the garbage collector runs, and a process that forks (a webdataset
+    DataLoader worker) while such threads hold a lock can deadlock."""
+    flac, meta, info = out
+    rows = []
+    for i in range(len(flac)):
+        source = bytes(np.asarray(info[i])).decode("utf-8", "replace")
+        member = source.rsplit(":", 1)[-1]
+        rows.append({
+            "key": split_member_name(member)[0].rsplit("/", 1)[-1],
+            "where": source,
+            "flac": np.asarray(flac[i]),
+            "json": bytes(np.asarray(meta[i])),
+        })
+    return rows
 
 
 def _rank_samples(order: list[str], shards: dict[str, tuple[str, int]], world_size: int) -> list[int]:
