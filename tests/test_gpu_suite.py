@@ -29,9 +29,10 @@ CUDA_TESTS = {
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OUT", "GPU_SUITE_CPU_SMOKE",
-                "GPU_SUITE_PYTHON"):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OUT", "GPU_SUITE_CPU_SMOKE"):
         env.pop(var, None)
+    # The interpreter running the tests, not whatever .venv or python3 the checkout happens to have.
+    env["GPU_SUITE_PYTHON"] = sys.executable
     return env
 
 
