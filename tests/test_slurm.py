@@ -123,7 +123,7 @@ def _job_state(env, job: str) -> tuple[str, int]:
 
 def _wait_until_finished(env, job: str, timeout: float, log: Path) -> None:
     """Poll the job until it ends. Slurm makes a requeued job wait ~2 min before it is eligible
-    again; the test lets it start at once (StartTime=now) instead of waiting that out."""
+    again; the test lets it start after 5 s instead of waiting that out."""
     deadline = time.monotonic() + timeout
     released = False
     while True:
@@ -131,7 +131,9 @@ def _wait_until_finished(env, job: str, timeout: float, log: Path) -> None:
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "GONE"):
             return
         if state == "PENDING" and restarts >= 1 and not released:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, timeout=30)
+            # Not "now": a restart within the second of the requeue is killed by slurmctld as
+            # "non-startable: Job credential revoked" (the old run's credential is still revoked).
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], env=env, timeout=30)
             released = True
         assert time.monotonic() < deadline, f"job {job} not finished in {timeout} s: " + (
             log.read_text()[-4000:] if log.exists() else "")
