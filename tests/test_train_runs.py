@@ -25,7 +25,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env():
+def _env(**extra: str) -> dict[str, str]:
+    """A training subprocess's environment: offline, CPU DeepSpeed, no inherited rank variables."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
@@ -33,6 +34,7 @@ def _env():
     )
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_NTASKS", "SLURM_PROCID"):
         env.pop(var, None)
+    env.update(extra)
     return env
 
 
