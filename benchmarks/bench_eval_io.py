@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_loader import make_shards  # benchmarks/ is on sys.path when a benchmark runs as a script
+
 from clapscale.config import load_config
 from clapscale.data import build_loader
-from clapscale.shards.writer import write_shards
 
-SR = 48000
 
 
 def rchar() -> int:
@@ -36,20 +36,6 @@ def rchar() -> int:
         if line.startswith("rchar:"):
             return int(line.split()[1])
     raise RuntimeError("no rchar in /proc/self/io")
-
-
-def make_shards(out: Path, clips: int, shard_size: int, seconds: float) -> str:
-    rng = np.random.default_rng(0)
-    t = np.arange(int(seconds * SR)) / SR
-
-    def records():
-        for i in range(clips):
-            # Tone + noise: compresses like real audio (pure noise would be unrealistically large).
-            x = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.02 * rng.standard_normal(len(t))
-            yield {"key": f"bench-{i:05d}", "audio": x.astype(np.float32), "text": [f"clip {i}"], "tag": []}
-
-    paths = write_shards(records(), out, "bench", shard_size=shard_size)
-    return f"{out}/bench/{{{paths[0].stem}..{paths[-1].stem}}}.tar"
 
 
 def eval_io(spec: str, data_bytes: int) -> None:
@@ -100,7 +86,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = args.shards or Path(tmp)
-        spec = make_shards(out, args.clips, args.shard_size, args.seconds)
+        spec = make_shards(out, args.clips, args.seconds, args.shard_size)
         data_bytes = sum(f.stat().st_size for f in (out / "bench").glob("*.tar"))
         print(f"{args.clips} clips of {args.seconds:g} s in shards of {args.shard_size}: {data_bytes / 1e6:.1f} MB")
         eval_io(spec, data_bytes)

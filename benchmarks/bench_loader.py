@@ -43,7 +43,8 @@ from clapscale.shards.writer import write_shards
 SR = 48000
 
 
-def make_shards(out: Path, clips: int, seconds: float) -> str:
+def make_shards(out: Path, clips: int, seconds: float, shard_size: int = 16) -> str:
+    """``clips`` tone-plus-noise clips of ``seconds`` written as shards under ``out``; returns the spec."""
     rng = np.random.default_rng(0)
     t = np.arange(int(seconds * SR)) / SR
 
@@ -53,7 +54,7 @@ def make_shards(out: Path, clips: int, seconds: float) -> str:
             x = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 4000) * t) + 0.02 * rng.standard_normal(len(t))
             yield {"key": f"bench-{i:05d}", "audio": x.astype(np.float32), "text": [f"clip {i}"], "tag": []}
 
-    paths = write_shards(records(), out, "bench", shard_size=16)
+    paths = write_shards(records(), out, "bench", shard_size=shard_size)
     return f"{out}/bench/{{{paths[0].stem}..{paths[-1].stem}}}.tar"
 
 
