@@ -85,6 +85,35 @@ LENGTH_POLICIES = ("rand_trunc", "repeatpad", "pad", "fusion")
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentation of the log-mel batch, on the device after the front end.
+
+    Evaluation never augments. All zeros (the default) is off. ``gain_db`` shifts each clip's level
+    by a uniform draw in +-gain_db dB (an additive offset on the dB mel: real libraries are mastered at
+    different levels). SpecAugment (Park et al. 2019): ``time_masks`` stripes of up to
+    ``time_mask_frames`` frames and ``freq_masks`` stripes of up to ``freq_mask_bins`` mel bins per
+    clip, filled with the clip's mean (per channel). Draws depend only on (train.seed, step, rank): a resumed run
+    augments exactly as the uninterrupted one (clapscale/train/augment.py).
+    """
+
+    gain_db: float = 0.0
+    time_masks: int = 0
+    time_mask_frames: int = 0
+    freq_masks: int = 0
+    freq_mask_bins: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.gain_db or (self.time_masks and self.time_mask_frames)
+                    or (self.freq_masks and self.freq_mask_bins))
+
+    def validate(self, path: str) -> None:
+        for name in ("gain_db", "time_masks", "time_mask_frames", "freq_masks", "freq_mask_bins"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
 class DataConfig:
     """Where training / evaluation samples come from and how they are batched."""
 
@@ -100,7 +129,8 @@ class DataConfig:
     batch_size: int = 32  # per rank
     workers: int = 2
     shuffle_buffer: int = 1000
-    # Which caption a sample contributes: text | text_augment_t5 | text_augment_all | tag_template
+    # Which caption a sample contributes: text | text_augment_t5 | text_augment_all | tag_template |
+    # text_or_tags (clapscale/data/captions.py)
     caption: str = "text"
     seed: int = 0
 
@@ -109,7 +139,7 @@ class DataConfig:
         _choice(
             f"{path}.caption",
             self.caption,
-            ("text", "text_augment_t5", "text_augment_all", "tag_template"),
+            ("text", "text_augment_t5", "text_augment_all", "tag_template", "text_or_tags"),
         )
         _positive(f"{path}.batch_size", self.batch_size)
         if self.workers < 0:
@@ -321,6 +351,7 @@ class EvalConfig:
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -334,6 +365,12 @@ class Config:
             check = getattr(section, "validate", None)
             if check is not None:
                 check(f.name)
+        if self.augment.time_mask_frames >= self.audio.n_frames or self.augment.freq_mask_bins >= self.audio.n_mels:
+            raise ConfigError(
+                f"augment masks must be narrower than the mel ({self.audio.n_frames} frames x {self.audio.n_mels} "
+                f"bins), got time_mask_frames={self.augment.time_mask_frames}, "
+                f"freq_mask_bins={self.augment.freq_mask_bins}"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

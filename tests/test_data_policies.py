@@ -138,3 +138,22 @@ def test_captions():
     assert drawn == {"a dog barks", "barking"}
     with pytest.raises(EmptyCaptionError):
         choose_caption({"text": ["  "]}, "text", None)
+
+
+def test_text_or_tags_draws_captions_and_the_tag_template():
+    meta = {"text": ["swordman die"], "tag": ["scream"]}
+    drawn = [choose_caption(meta, "text_or_tags", np.random.default_rng(s)) for s in range(200)]
+    assert set(drawn) == {"swordman die", "The sound of scream"}
+    assert 60 < drawn.count("swordman die") < 140  # uniform over the two
+    # Evaluation (no generator) keeps the first caption; untagged samples draw from text only.
+    assert choose_caption(meta, "text_or_tags", None) == "swordman die"
+    assert {choose_caption({"text": ["a", "b"]}, "text_or_tags", np.random.default_rng(s)) for s in range(20)} == {"a", "b"}
+
+
+def test_config_accepts_every_caption_mode():
+    from clapscale.config import Config
+    from clapscale.data.captions import CAPTION_MODES
+    for mode in CAPTION_MODES:
+        Config().data.__class__(caption=mode).validate("data")
+    with pytest.raises(ValueError, match="caption"):
+        Config().data.__class__(caption="nope").validate("data")

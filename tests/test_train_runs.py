@@ -94,7 +94,10 @@ def test_zero3_bf16_accumulation_resume_is_exact(shards, tmp_path):
     # data.resampled=false: the loader replays its stream to the saved position (a resampled
     # stream is re-seeded at the position instead: equally random, not the same samples).
     common = ["train.zero_stage=3", "train.precision=bf16", "train.grad_accum=2", "train.steps=4",
-              "train.checkpoint_every=1", "train.keep_last=2", "optim.warmup_steps=2", "data.resampled=false"]
+              "train.checkpoint_every=1", "train.keep_last=2", "optim.warmup_steps=2", "data.resampled=false",
+              # Augmentation draws depend on (seed, step, rank) only: the resumed run repeats them.
+              "augment.gain_db=6", "augment.time_masks=2", "augment.time_mask_frames=40",
+              "augment.freq_masks=1", "augment.freq_mask_bins=8"]
     straight = tmp_path / "straight"
     # Only the straight run evaluates (at its end): every rank takes part, under ZeRO-3.
     proc = _train(2, _base(shards, straight, *common, f"data.val={_val_spec(shards)}", "train.eval_every=0"))

@@ -6,6 +6,9 @@
   AudioSet) draw from ``text`` instead, as LAION-CLAP does when mixing such sources.
 - ``tag_template``: "The sound of A, B and C" from the sample's tags (``normalise_tags``); samples
   without tags draw from ``text``.
+- ``text_or_tags``: one of the sample's captions or its tag template, uniformly (e.g. a path caption
+  "swordman die" one epoch, "The sound of scream" another); samples without tags draw from ``text``.
+  Evaluation still takes the first caption of ``text``.
 
 Training draws uniformly with the sample's per-epoch generator; evaluation takes the first caption.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CAPTION_MODES = ("text", "text_augment_t5", "text_augment_all", "tag_template")
+CAPTION_MODES = ("text", "text_augment_t5", "text_augment_all", "tag_template", "text_or_tags")
 
 
 class EmptyCaptionError(ValueError):
@@ -82,6 +85,10 @@ def choose_caption(meta: dict, mode: str, rng: np.random.Generator | None) -> st
         tags, _ = normalise_tags(meta)
         if tags:
             return tag_caption(tags)
+    elif mode == "text_or_tags":
+        tags, _ = normalise_tags(meta)
+        if tags:
+            pool = texts + [tag_caption(tags)]
     if rng is None:
         return pool[0]
     return pool[int(rng.integers(0, len(pool)))]

@@ -44,6 +44,7 @@ from clapscale.train.distributed import DistEnv, device_for, discover, init_proc
 from clapscale.train.gradcache import Features, accumulated_backward
 from clapscale.train.logging import RunLogger, ThroughputWindow
 from clapscale.train.signals import StopSignals
+from clapscale.train.augment import augment_generator, augment_mel
 from clapscale.train.teacher import load_teacher, teacher_features
 
 
@@ -144,10 +145,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ one step
 
-    def _prepare(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _prepare(self, batch: dict[str, Any], augment: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         on_device = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.no_grad():
             mel, is_longer = self.frontend(on_device)
+            if augment is not None:
+                mel = augment_mel(mel, self.cfg.augment, augment)
         return {
             "mel": mel,
             "is_longer": is_longer,
@@ -178,7 +181,8 @@ class Trainer:
         self._grad_norm = engines.optimizer_step(self.engine, self.cfg.train.zero_stage)
 
     def _step(self, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, bool]:
-        micro = [self._prepare(b) for b in batches]
+        g = augment_generator(self.cfg.train.seed, self.step, self.denv.rank) if self.cfg.augment.enabled else None
+        micro = [self._prepare(b, g) for b in batches]
         teacher = teacher_features(self.teacher, micro) if self.teacher is not None else None
         captions = [c for b in batches for c in b.get("texts", ())]  # in the loss's row order
         if len(micro) == 1:
