@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 
 from clapscale.shards.debian import find_sounds, unpack_archives
 from clapscale.shards.pathtext import clean_caption, keyword_label, path_words
@@ -192,3 +193,25 @@ def test_unpack_archives_and_find_sounds_skip_music_and_hidden(tmp_path):
     assert unpack_archives(tmp_path) == 1
     found = [p.relative_to(tmp_path).as_posix() for p in find_sounds(tmp_path)]
     assert found == ["a/base.wz.d/audio/sfx/boom.wav", "a/sounds/hit.wav"]
+
+
+@pytest.mark.slow
+def test_real_gpu_script_runs_end_to_end_on_cpu_for_two_steps(corpus, tmp_path):
+    # launch/real_gpu.sh with configs/real-gpu.yaml (CNN14), shortened to two fp32 steps on the CPU:
+    # the recipe, the script's stages and its timings file cannot rot between GPU sessions.
+    _, out = corpus
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHON=sys.executable, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    run = tmp_path / "real-gpu"
+    proc = subprocess.run(
+        ["bash", "launch/real_gpu.sh", "--shards", str(out), "--out", str(run), "--device", "cpu",
+         "train.steps=2", "train.precision=fp32", "train.eval_every=-1", "data.val=", "data.batch_size=4", "data.workers=0",
+         "data.shuffle_buffer=0"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    cfg = yaml.safe_load((run / "model" / "config.yaml").read_text())
+    assert cfg["model"]["audio"] == {**cfg["model"]["audio"], "name": "cnn", "size": "14"}
+    assert cfg["data"]["caption"] == "text_or_tags" and cfg["augment"]["time_masks"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"test", "heldout"}
+    times = json.loads((run / "timings.json").read_text())
+    assert set(times) == {"corpus_s", "train_s", "report_s", "total_s"} and times["corpus_s"] < 5  # --shards: no build
