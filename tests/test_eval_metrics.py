@@ -15,6 +15,7 @@ from clapscale.eval.linear_probe import fit_linear_probe, linear_probe_metrics
 from clapscale.eval.metrics import (
     average_precision,
     macro_recall,
+    per_class_recall,
     majority_baseline,
     mean_average_precision,
     ranks_multi_relevant,
@@ -169,6 +170,21 @@ def test_macro_recall_matches_sklearn_balanced_accuracy():
         logits = torch.randn(52, 5, generator=g) + 1.5 * torch.nn.functional.one_hot(target, 5)
         assert macro_recall(logits, target) == pytest.approx(
             100 * skm.balanced_accuracy_score(target.numpy(), logits.argmax(1).numpy()))
+
+
+def test_per_class_recall_matches_sklearn_recall_and_counts_answers():
+    skm = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(4)
+    target = torch.cat([torch.zeros(30, dtype=torch.long), torch.randint(2, 5, (20,), generator=g)])  # class 1 absent
+    logits = torch.randn(50, 5, generator=g) + torch.nn.functional.one_hot(target, 5)
+    rows = per_class_recall(logits, target)
+    present = sorted(set(target.tolist()))
+    assert sorted(rows) == present
+    answers = logits.argmax(1).numpy()
+    want = skm.recall_score(target.numpy(), answers, labels=present, average=None)
+    for c, r in zip(present, want):
+        assert rows[c]["recall"] == pytest.approx(100 * r)
+        assert rows[c]["clips"] == int((target == c).sum()) and rows[c]["predicted"] == int((answers == c).sum())
 
 
 def test_average_precision_matches_sklearn_with_ties():

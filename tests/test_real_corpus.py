@@ -167,6 +167,10 @@ def test_real_recipe_trains_and_reports_on_the_corpus(corpus, tmp_path):
     # Single-label zero-shot over the package's two labels, with macro recall and the majority baseline.
     assert held["zeroshot"]["info"]["labels"] == 2 and "macro_recall" in held["zeroshot"]["metrics"]
     assert held["zeroshot"]["baseline"] == pytest.approx({"top1": 75.0, "macro_recall": 50.0})
+    per_class = held["zeroshot"]["info"]["per_class"]
+    assert {k: v["clips"] for k, v in per_class.items()} == {"animal": 3, "impact": 1}
+    assert sum(v["predicted"] for v in per_class.values()) == 4
+    assert sum(v["recall"] for v in per_class.values()) / 2 == pytest.approx(held["zeroshot"]["metrics"]["macro_recall"])
     assert "majority" in report.stdout
 
 

@@ -364,12 +364,26 @@ def macro_recall(logits: Tensor, target: Tensor) -> float:
     Args:
         logits: (N, L) clip-by-label scores; target: (N,) true label index per clip.
     """
-    hit = ranks_single_relevant(logits, target) <= 1
-    target = target.to(hit.device)
-    recalls = [hit[target == c].double().mean().item() for c in torch.unique(target)]
+    recalls = [row["recall"] for row in per_class_recall(logits, target).values()]
     if not recalls:
         raise ValueError("macro_recall: no clips to evaluate")
-    return 100.0 * sum(recalls) / len(recalls)
+    return sum(recalls) / len(recalls)
+
+
+def per_class_recall(logits: Tensor, target: Tensor) -> dict[int, dict[str, float]]:
+    """For each class index present in ``target``: its ``clips``, ``recall`` (percent of them whose
+    top-1 label is right, ties pessimistic) and ``predicted`` (clips of any class whose top-1 answer it
+    is, ties to the lowest index). Shows which classes a model never finds and which ones it answers
+    for everything; ``macro_recall`` is the mean of ``recall``.
+    """
+    hit = ranks_single_relevant(logits, target) <= 1
+    target = target.to(hit.device)
+    answers = logits.argmax(1).to(hit.device)
+    return {
+        int(c): {"clips": int((target == c).sum()), "recall": 100.0 * hit[target == c].double().mean().item(),
+                 "predicted": int((answers == c).sum())}
+        for c in torch.unique(target)
+    }
 
 
 def majority_baseline(targets: Tensor) -> dict[str, float]:

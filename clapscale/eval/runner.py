@@ -20,8 +20,10 @@ from clapscale.config import Config
 from clapscale.eval.embedding import EmbeddedSplit, EmptySplitError, embed_split, make_text_encoder
 from clapscale.eval.gather import gather_objects
 from clapscale.eval.linear_probe import linear_probe_metrics
-from clapscale.eval.metrics import majority_baseline, retrieval_chance, retrieval_metrics, zeroshot_chance
-from clapscale.eval.zeroshot import NoLabelsError, encode_labels, targets_from_tags, zeroshot_result
+from clapscale.eval.metrics import (
+    majority_baseline, per_class_recall, retrieval_chance, retrieval_metrics, zeroshot_chance,
+)
+from clapscale.eval.zeroshot import NoLabelsError, encode_labels, targets_from_tags, zeroshot_result, zeroshot_scores
 
 TASKS = ("retrieval", "zeroshot", "linear_probe")
 
@@ -220,13 +222,15 @@ def zeroshot_task(
     targets = targets_from_tags(es.tags, labels)
     label_emb = encode_labels(encode_texts, targets.labels, templates).cpu()
     metrics, chance = zeroshot_result(es.audio, label_emb, targets)
-    return TaskResult(
-        "zeroshot", spec, metrics, chance,
-        {"clips": int(targets.kept.numel()), "labels": len(targets.labels),
-         "clips_without_label": targets.dropped,
-         "multi_label": bool((targets.targets.sum(1) > 1).any())},
-        majority_baseline(targets.targets),
-    )
+    info: dict[str, object] = {
+        "clips": int(targets.kept.numel()), "labels": len(targets.labels), "clips_without_label": targets.dropped,
+        "multi_label": bool((targets.targets.sum(1) > 1).any()),
+    }
+    if not info["multi_label"]:
+        scores = zeroshot_scores(es.audio[targets.kept], label_emb)
+        rows = per_class_recall(scores, targets.targets.float().argmax(1))
+        info["per_class"] = {targets.labels[c]: row for c, row in rows.items()}
+    return TaskResult("zeroshot", spec, metrics, chance, info, majority_baseline(targets.targets))
 
 
 def _linear_probe(train_es: EmbeddedSplit, test_es: EmbeddedSplit, labels, cfg: Config, spec: str) -> TaskResult:
