@@ -65,6 +65,7 @@ from clapscale.data.wds import (
     collate_meta,
     collate_waveforms,
     decode_audio,
+    decode_crop,
     epoch_shard_order,
     log_source_shares,
     parse_meta,
@@ -396,14 +397,16 @@ class DaliLoader:
         return {
             "pick": row.get("pick"), "key": row["key"], "where": row["where"], "flac": row["flac"],
             "rng": rng, "long": total == 0 or total > cap, **texts,
+            # A cropping policy's window, decoded alone by seeking (None: decode the clip).
+            "crop": decode_crop(data, self.audio_cfg, rng),
         }
 
     def _decode(self, rows: list[dict[str, Any]]) -> list[np.ndarray | None]:
         """Decoded mono float32 per row (None for rows that fail to decode)."""
         out: list[np.ndarray | None] = [None] * len(rows)
-        via_dali = [i for i, r in enumerate(rows) if not r["long"]]
+        via_dali = [i for i, r in enumerate(rows) if not r["long"] and r["crop"] is None]
         for i, r in enumerate(rows):
-            if r["long"]:  # longer than max_seconds (or of unknown length): decode only up to the cap
+            if r["long"] and r["crop"] is None:  # longer than max_seconds (or unknown): decode up to the cap
                 out[i] = self._decode_capped(r)
         if not via_dali:
             return out
@@ -453,15 +456,17 @@ class DaliLoader:
         waves = self._decode(rows)
         samples = []
         for row, wave in zip(rows, waves):
-            if wave is None:
-                continue
-            if wave.size == 0:
-                self._skip("empty_audio", row["where"], pick=row["pick"])
-                continue
-            if float(np.max(np.abs(wave))) < SILENCE_PEAK:  # DALI downmixed it: channels that cancel
-                self._skip("silent", row["where"], "all-silent after downmix to mono", row["pick"])
-                continue
-            res = apply_length_policy(wave, self.audio_cfg, row["rng"])
+            res = row["crop"]
+            if res is None:
+                if wave is None:
+                    continue
+                if wave.size == 0:
+                    self._skip("empty_audio", row["where"], pick=row["pick"])
+                    continue
+                if float(np.max(np.abs(wave))) < SILENCE_PEAK:  # DALI downmixed it: channels that cancel
+                    self._skip("silent", row["where"], "all-silent after downmix to mono", row["pick"])
+                    continue
+                res = apply_length_policy(wave, self.audio_cfg, row["rng"])
             samples.append({
                 "pick": row["pick"], "key": row["key"], "where": row["where"], "waveform": res.waveform,
                 "length": res.length, "is_longer": res.is_longer, "fusion_starts": res.fusion_starts,

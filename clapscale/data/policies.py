@@ -83,6 +83,22 @@ def zero_pad(wave: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+def crop_offset(length: int, audio_cfg: AudioConfig, rng: np.random.Generator | None) -> int | None:
+    """Start of the ``clip_samples`` crop that ``apply_length_policy`` takes from a clip of ``length``
+    samples, or None when it keeps the clip whole (not longer than N, or a longer fusion clip).
+
+    Draws from ``rng`` exactly when ``apply_length_policy`` does, so a loader that knows the length
+    from the header can decode only the crop (``clapscale.data.wds.decode_crop``).
+    """
+    n = audio_cfg.clip_samples
+    if length <= n:
+        return None
+    if audio_cfg.length_policy == "fusion":
+        # A longer fusion clip is kept whole; one a few samples over N but still one clip's frames is cut.
+        return None if frames_of(length, audio_cfg.hop_length) > audio_cfg.n_frames else 0
+    return int(rng.integers(0, length - n + 1)) if rng is not None else 0
+
+
 def apply_length_policy(
     wave: np.ndarray, audio_cfg: AudioConfig, rng: np.random.Generator | None
 ) -> PolicyResult:
@@ -102,8 +118,8 @@ def apply_length_policy(
         return PolicyResult(wave, length, True, starts)
     if length == n:
         return PolicyResult(wave, length, False, (0, 0, 0))
-    if length > n:
-        offset = int(rng.integers(0, length - n + 1)) if rng is not None and policy != "fusion" else 0
+    offset = crop_offset(length, audio_cfg, rng)
+    if offset is not None:
         return PolicyResult(wave[offset : offset + n].copy(), length, longer, (0, 0, 0))
     if policy == "pad":
         out = zero_pad(wave, n)

@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clapscale.config import AudioConfig, ConfigError, DataConfig
 from clapscale.data.captions import EmptyCaptionError, choose_caption, clean_captions, normalise_tags
-from clapscale.data.policies import apply_length_policy
+from clapscale.data.policies import PolicyResult, apply_length_policy, crop_offset, frames_of
 from clapscale.data.shardio import ByteCounter, ShuffleBuffer, eval_plan, iter_tar_samples, resume_stream
 from clapscale.data.specs import Source, all_urls, check_shards_exist, shard_sizes
 from clapscale.shards.audio_io import SILENCE_PEAK
@@ -126,6 +126,48 @@ def decode_audio(data: bytes, audio_cfg: AudioConfig) -> np.ndarray:
     return mono
 
 
+def decode_crop(data: bytes, audio_cfg: AudioConfig, rng: np.random.Generator | None) -> PolicyResult | None:
+    """The length policy's crop of a FLAC clip, decoding only the crop's ``clip_samples`` frames.
+
+    Equal to ``apply_length_policy(decode_audio(data, audio_cfg), audio_cfg, rng)`` bit for bit, at
+    the cost of the window instead of the clip up to ``max_seconds``: the clip's length comes from
+    STREAMINFO, the offset from ``crop_offset`` (the same draw), and FLAC seeks are sample-exact.
+    Returns None, with ``rng`` left as it was, when the policy keeps the whole clip (not longer than
+    one clip, or a longer fusion clip, whose global view needs every frame), when the stream is not
+    FLAC or has no recorded length, and whenever the window cannot stand for the whole decode: a
+    file that ends before its header says (the full decode finds the real length) or a silent
+    window (only the whole clip tells whether the clip is silent). The caller then decodes in full,
+    which also reports every bad sample as before.
+    """
+    if not data:
+        return None
+    saved = rng.bit_generator.state if rng is not None else None
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            total = f.frames
+            if f.format != "FLAC" or f.samplerate != audio_cfg.sample_rate or not 0 < total < (1 << 62):
+                return None
+            length = min(total, int(round(audio_cfg.max_seconds * audio_cfg.sample_rate)))
+            offset = crop_offset(length, audio_cfg, rng)
+            if offset is None:
+                return None
+            n = audio_cfg.clip_samples
+            # The full decode stops at `length` only if the stream really holds it: check its last frame.
+            whole = offset + n == length or (f.seek(length - 1) == length - 1 and f.read(1).shape[0] == 1)
+            f.seek(offset)
+            wave = f.read(frames=n, dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, ValueError, TypeError):
+        whole = False
+    else:
+        mono = wave.mean(axis=1, dtype=np.float32) if wave.ndim == 2 else wave
+        if whole and mono.shape[0] == n and float(np.max(np.abs(mono))) >= SILENCE_PEAK:
+            longer = frames_of(length, audio_cfg.hop_length) > audio_cfg.n_frames
+            return PolicyResult(mono, length, longer, (0, 0, 0))
+    if rng is not None:
+        rng.bit_generator.state = saved
+    return None
+
+
 def parse_meta(raw: dict[str, Any], on_warn: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """The sample's JSON object, with ``tag`` normalised to a list of strings (``tags`` read as an
     alias, a bare value coerced: see ``normalise_tags``; each coercion reported through
@@ -181,11 +223,12 @@ def decode_sample(
     if "flac" not in raw:
         raise SkipSample("empty_audio", "no .flac member")
     rng = sample_rng(data_cfg.seed, epoch, raw["__key__"]) if train else None
-    wave = decode_audio(raw["flac"], audio_cfg)
     # Caption first, then the crop: the same draw order as the DALI backend, so one seed gives
     # both backends the same choices.
     texts = text_fields(meta, data_cfg.caption, rng)
-    res = apply_length_policy(wave, audio_cfg, rng)
+    res = decode_crop(raw["flac"], audio_cfg, rng)
+    if res is None:
+        res = apply_length_policy(decode_audio(raw["flac"], audio_cfg), audio_cfg, rng)
     return {
         "key": raw["__key__"],
         "waveform": res.waveform,
