@@ -15,6 +15,10 @@ The time to the first batch (worker start-up, pipeline warm-up) is printed besid
 ratios to (a), all measured in one run. Target: (b) and (c) >= 0.8. ``--json PATH`` also writes the
 table (benchmarks/gpu_suite.sh reads it); where DALI is not installed its stages are recorded as
 skipped and the others still run.
+
+On a shared machine, ``--repeat R`` measures (a) and every stage R times, interleaved: the table
+shows medians, and each stage's ratio per round (its pass over (a) of the same round) is printed as
+median [min, max]. ``--only wds,raw_decode`` limits the stages (``raw_decode`` always runs).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import importlib.util
 import io
 import json
 import resource
+import statistics
 import tarfile
 import tempfile
 import time
@@ -87,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="webdataset workers = DALI threads")
     ap.add_argument("--shards", default="", help="existing shard spec; default: write temp shards")
     ap.add_argument("--json", default="", help="also write the table here")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of every stage (medians, ratio spread)")
+    ap.add_argument("--only", default="", help="comma-separated stage keys to run (default: all)")
     args = ap.parse_args(argv)
 
     tmp = None
@@ -104,11 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     n = len(members)
     for m in members[:4]:  # warm caches
         sf.read(io.BytesIO(m), dtype="float32")
-    wall_a, cpu_a, _ = timed(lambda: sum(len(sf.read(io.BytesIO(m), dtype="float32")[0]) for m in members))
+
+    def run_decode() -> tuple[float, float, float]:
+        wall, cpu, _ = timed(lambda: sum(len(sf.read(io.BytesIO(m), dtype="float32")[0]) for m in members))
+        return n / cpu, n / wall, 0.0
+
+    warmed: set[int] = set()
 
     def run_loader(loader) -> tuple[float, float, float]:
         """One warm pass: (clips per CPU-second, wall clips/s, seconds to the first batch)."""
-        sum(len(b["keys"]) for b in loader)  # warm: page cache, pipeline build
+        if id(loader) not in warmed:
+            sum(len(b["keys"]) for b in loader)  # warm: page cache, pipeline build
+            warmed.add(id(loader))
         first: list[float] = []
         t0 = time.perf_counter()
 
@@ -135,7 +149,22 @@ def main(argv: list[str] | None = None) -> int:
     ]
     skipped = [] if dali else [(key, name) for key, name, _ in dali_stages]
     stages += dali_stages if dali else []
-    results = [(key, name, *run_loader(make())) for key, name, make in stages]
+    if args.only:
+        stages = [s for s in stages if s[0] in args.only.split(",")]
+    loaders = [(key, name, make()) for key, name, make in stages]
+    rounds: dict[str, list[tuple[float, float, float]]] = {"raw_decode": []}
+    for _ in range(args.repeat):
+        rounds["raw_decode"].append(run_decode())
+        for key, _, loader in loaders:
+            rounds.setdefault(key, []).append(run_loader(loader))
+
+    def median(key: str) -> tuple[float, float, float]:
+        return tuple(statistics.median(r[i] for r in rounds[key]) for i in range(3))  # type: ignore[return-value]
+
+    def spread(key: str) -> list[float]:
+        return sorted(r[0] / d[0] for r, d in zip(rounds[key], rounds["raw_decode"]))
+
+    results = [(key, name, *median(key)) for key, name, _ in loaders]
 
     logmel = LogMel(cfg.audio).to(device)
     wave = torch.zeros(args.batch, cfg.audio.clip_samples)
@@ -150,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
     wall_d, cpu_d, n_d = timed(run_mel)
 
-    a = n / cpu_a
-    rows = [("raw_decode", "(a) raw FLAC decode (in-process)", a, n / wall_a, 0.0), *results,
+    a = median("raw_decode")[0]
+    rows = [("raw_decode", "(a) raw FLAC decode (in-process)", *median("raw_decode")), *results,
             (f"torch_mel_{mel_dev.lower()}", f"(d) torch log-mel on {mel_dev} ({torch.get_num_threads()} threads)",
              n_d / cpu_d, n_d / wall_d, 0.0)]
     print(f"{n} clips of {args.seconds:g} s, batch {args.batch}; 'per core' = clips per CPU-second "
@@ -161,11 +190,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<50} {per_cpu:>11.1f} {per_cpu / a:>9.2f} {per_wall:>12.1f} {startup:>11.2f}")
     for _, name in skipped:
         print(f"{name:<50} skipped: nvidia.dali is not installed")
+    if args.repeat > 1:
+        for key, name, _ in loaders:
+            r = spread(key)
+            print(f"{name}: ratio to (a) per round, median {statistics.median(r):.2f} [{r[0]:.2f}, {r[-1]:.2f}] "
+                  f"over {args.repeat} rounds")
     if args.json:
         report = {
             "clips": n, "seconds": args.seconds, "batch": args.batch, "workers": args.workers, "device": device,
             "stages": {key: {"name": name, "clips_per_cpu_s": per_cpu, "ratio_to_decode": per_cpu / a,
-                             "wall_clips_per_s": per_wall, "first_batch_s": startup}
+                             "wall_clips_per_s": per_wall, "first_batch_s": startup,
+                             **({"ratio_rounds": spread(key)} if key in rounds and key != "raw_decode" else {})}
                        for key, name, per_cpu, per_wall, startup in rows},
             "skipped": {key: "nvidia.dali is not installed" for key, _ in skipped},
         }
