@@ -176,6 +176,13 @@ class AudioTowerConfig:
     pretrained: str = ""
     grad_checkpointing: bool = False
     frozen: bool = False
+    # HTSAT's window attention: "eager" (transformers' matmul + softmax) or "sdpa"
+    # (torch's scaled_dot_product_attention: fused kernels on a GPU; same parameters and outputs).
+    # The text towers already use SDPA (transformers' default; open_clip's nn.MultiheadAttention).
+    attention: str = "eager"
+    # CNN towers: run convolutions in channels_last (NHWC) memory format, which cuDNN's tensor-core
+    # kernels prefer under bf16; the outputs are unchanged.
+    channels_last: bool = False
 
 
 @dataclass
@@ -200,6 +207,7 @@ class ModelConfig:
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.audio.fusion", self.audio.fusion, ("none", "aff", "daf", "iaff"))
+        _choice(f"{path}.audio.attention", self.audio.attention, ("eager", "sdpa"))
         _positive(f"{path}.embed_dim", self.embed_dim)
         _positive(f"{path}.text.max_length", self.text.max_length)
         if not 0 < self.init_logit_scale <= self.max_logit_scale:
@@ -287,11 +295,18 @@ class TrainConfig:
     dist_timeout_s: float = 600.0
     seed: int = 0
     resume: str = "auto"  # auto | none | <checkpoint dir>
+    # fp32 matmuls and convolutions on TF32 tensor cores (CUDA; 10-bit mantissa inputs): what is
+    # left in fp32 under bf16 (the loss, the log-mel) or everything under precision=fp32.
+    tf32: bool = False
+    # torch.compile backend for each tower, compiled in place (parameter names, hence checkpoints,
+    # unchanged); "" = eager. "inductor" generates kernels; "aot_eager" only traces (tests).
+    compile: str = ""
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _choice(f"{path}.precision", self.precision, ("bf16", "fp16", "fp32"))
         _choice(f"{path}.grad_reduce_dtype", self.grad_reduce_dtype, ("fp32", "bf16"))
+        _choice(f"{path}.compile", self.compile, ("", "inductor", "aot_eager", "eager"))
         if self.precision == "bf16" and self.zero_stage == 0 and self.grad_reduce_dtype == "fp32":
             raise ConfigError(
                 f"{path}.zero_stage=0 with {path}.precision=bf16 accumulates gradients in bf16 (DeepSpeed "

@@ -36,6 +36,20 @@ def build_audio_tower(model_cfg: ModelConfig, audio_cfg: AudioConfig) -> AudioTo
         tower.load_pretrained(a.pretrained)
     if a.grad_checkpointing:
         tower.set_grad_checkpointing(True)
+    if a.attention != "eager":
+        if not hasattr(tower, "set_attention"):
+            raise ConfigError(
+                f"model.audio.attention={a.attention!r} applies to HTSAT's window attention; "
+                f"model.audio.name={a.name!r} has none to switch (ViT's already uses SDPA): drop the setting"
+            )
+        tower.set_attention(a.attention)
+    if a.channels_last:
+        if not hasattr(tower, "set_channels_last"):
+            raise ConfigError(
+                f"model.audio.channels_last=true applies to the CNN towers, not model.audio.name={a.name!r}: "
+                "drop the setting"
+            )
+        tower.set_channels_last(True)
     return tower
 
 

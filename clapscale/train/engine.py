@@ -94,6 +94,7 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.d
                             category=FutureWarning)
     check_precision(cfg, device)
     model.to(device)
+    apply_speed_settings(model, cfg, device)
     _lift_scalar_parameters(model)
     groups = param_groups(model, cfg.optim.weight_decay)
     optimizer = torch.optim.AdamW(
@@ -119,6 +120,16 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.d
         if buf.is_floating_point() and buf.dtype != dtype:
             buf.data = buf.data.to(dtype)
     return engine
+
+
+def apply_speed_settings(model: nn.Module, cfg: Config, device: torch.device) -> None:
+    """``train.tf32`` (process-wide fp32 matmul precision, CUDA only: CPU runs stay bit-exact) and
+    ``train.compile`` (each tower compiled in place, so parameter names and checkpoints are unchanged)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
+    if cfg.train.compile:
+        for tower in (model.audio_tower, model.text_tower):
+            tower.compile(backend=cfg.train.compile)
 
 
 def warmup_cosine_of(cfg: Config) -> WarmupCosine:

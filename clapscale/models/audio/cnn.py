@@ -79,6 +79,7 @@ class PannCnn(AudioTower):
         self.n_mels = n_mels
         self.out_dim = spec.channels[-1]
         self.grad_checkpointing = False
+        self.channels_last = False
         self.bn0 = nn.BatchNorm2d(n_mels)
         cin = 1
         for i, cout in enumerate(spec.channels):
@@ -116,6 +117,9 @@ class PannCnn(AudioTower):
         x = self.bn0(mel.transpose(1, 3)).transpose(1, 3)
         if self.spec.stem_pool != (1, 1):
             x = F.avg_pool2d(x, self.spec.stem_pool)
+        if self.channels_last:
+            # Convolutions follow their input's memory format (DeepSpeed may flatten the weights).
+            x = x.contiguous(memory_format=torch.channels_last)
         pools = self._pools()
         h = self._block(0, x[:, :1], pools[0])
         if self.fusion != "none":
@@ -141,6 +145,12 @@ class PannCnn(AudioTower):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def set_channels_last(self, enable: bool = True) -> None:
+        """Run the convolutions in channels_last (NHWC) memory format, which cuDNN's bf16 tensor-core
+        kernels prefer; the outputs are the same up to float summation order."""
+        self.channels_last = enable
+        self.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
 
     def load_pretrained(self, path: str) -> None:
         load_panns_weights(self, path)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.models.clap.modeling_clap import ClapAudioSelfAttention
 
 from clapscale.config import ConfigError
 from clapscale.models.audio.base import AudioTower, check_mel
@@ -140,10 +141,45 @@ class HTSAT(AudioTower):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    def set_attention(self, kind: str) -> None:
+        """``"sdpa"``: every window attention computed by ``scaled_dot_product_attention``; ``"eager"``:
+        transformers' own. The modules keep their parameters (and names) either way."""
+        cls = {"eager": ClapAudioSelfAttention, "sdpa": SdpaWindowAttention}[kind]
+        for m in self.modules():
+            if isinstance(m, ClapAudioSelfAttention):
+                m.__class__ = cls
+
     def load_pretrained(self, path: str) -> None:
         from clapscale.models.interop import load_htsat_weights
 
         load_htsat_weights(self, path)
+
+
+class SdpaWindowAttention(ClapAudioSelfAttention):
+    """Swin window attention (``(B * windows, L, C)`` tokens, L = window_size ** 2) by
+    ``F.scaled_dot_product_attention``: the relative position bias ``(heads, L, L)`` and the shifted
+    windows' mask ``(windows, L, L)`` go in as one additive mask, as transformers adds them to the
+    scores. Flash attention takes no such mask; on a GPU the memory-efficient kernel does.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_attentions: bool | None = False) -> tuple[torch.Tensor]:
+        if output_attentions:  # the probabilities are never formed here
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        b, n, _ = hidden_states.shape
+        shape = (b, n, -1, self.attention_head_size)
+        q = self.query(hidden_states).view(shape).transpose(1, 2)
+        k = self.key(hidden_states).view(shape).transpose(1, 2)
+        v = self.value(hidden_states).view(shape).transpose(1, 2)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        mask = bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)  # (1, heads, L, L)
+        if attention_mask is not None:
+            windows = attention_mask.shape[0]
+            mask = mask.unsqueeze(0) + attention_mask.unsqueeze(1).unsqueeze(0)  # (1, windows, heads, L, L)
+            mask = mask.expand(b // windows, -1, -1, -1, -1).reshape(b, -1, n, n)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
+                                             dropout_p=self.dropout.p if self.training else 0.0)
+        return (ctx.transpose(1, 2).reshape(b, n, self.all_head_size),)
 
 
 def build_htsat(size: str, fusion: str = "none", n_mels: int = 64, n_frames: int = 1001) -> HTSAT:
