@@ -24,6 +24,8 @@ benchmarks/gpu_suite.sh does on a GPU:
    peak memory, FLOPs per sample and MFU against the device's data-sheet bf16 peak. BERT / RoBERTa
    towers are built from an architecture config (no vocabulary offline): token ids are random,
    --text-tokens per caption (padding to the longest caption of a batch; CLIP always uses 77).
+   A name ``RECIPE+VARIANT[+...]`` adds speed switches to the recipe (``VARIANTS``: sdpa, tf32,
+   compile, ckpt, channels_last), e.g. ``htsat-base-roberta+sdpa+compile+tf32``.
 """
 
 from __future__ import annotations
@@ -191,6 +193,26 @@ RECIPES: dict[str, Recipe] = {
     "smoke": Recipe("tiny.yaml", ("model.text.name=roberta", "audio.clip_seconds=2"), "tiny"),
 }
 
+# Speed switches a recipe name can add as ``RECIPE+VARIANT[+VARIANT...]`` (e.g. htsat-base-roberta+sdpa),
+# each measured against the recipe as shipped (tests/test_models_speed.py checks their outputs).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "sdpa": ("model.audio.attention=sdpa",),
+    "tf32": ("train.tf32=true",),
+    "compile": ("train.compile=inductor",),
+    "ckpt": ("model.audio.grad_checkpointing=true", "model.text.grad_checkpointing=true"),
+    "channels_last": ("model.audio.channels_last=true",),
+}
+
+
+def recipe_of(name: str) -> Recipe | None:
+    """The recipe ``NAME[+VARIANT...]`` names (its overrides extended by the variants'), or None."""
+    base, *variants = name.split("+")
+    if base not in RECIPES or any(v not in VARIANTS for v in variants):
+        return None
+    r = RECIPES[base]
+    return Recipe(r.config, (*r.overrides, *(o for v in variants for o in VARIANTS[v])), r.text_size)
+
+
 # Peak dense bf16 tensor throughput (TFLOP/s) by device name, from the vendors' data sheets (SXM parts).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
@@ -261,7 +283,7 @@ def _recipe_worker(name: str, out: str, steps: int, batch: int, tokens: int, pea
     from clapscale.train import engine as engines
     from clapscale.train.distributed import device_for, discover, init_process_group
 
-    recipe = RECIPES[name]
+    recipe = recipe_of(name)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*recipe.overrides, "train.precision=bf16", "train.zero_stage=1", "model.audio.pretrained="]
         if batch:
@@ -376,13 +398,13 @@ def recipes(names: list[str], steps: int, batch: int, tokens: int, peak_tflops: 
 
 
 def print_recipes(rows: list[dict]) -> None:
-    print(f"{'recipe':<20} {'batch':>5} {'samples/s':>10} {'step ms':>8} {'peak MiB':>9} {'GFLOP/sample':>12} {'MFU':>6}")
+    print(f"{'recipe':<36} {'batch':>5} {'samples/s':>10} {'step ms':>8} {'peak MiB':>9} {'GFLOP/sample':>12} {'MFU':>6}")
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['recipe']:<20} FAILED: {r['error'].splitlines()[-1] if r['error'] else ''}")
+            print(f"{r['recipe']:<36} FAILED: {r['error'].splitlines()[-1] if r['error'] else ''}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['recipe']:<20} {r['batch']:>5} {r['samples_per_s']:>10.1f} {r['step_ms']:>8.1f} "
+        print(f"{r['recipe']:<36} {r['batch']:>5} {r['samples_per_s']:>10.1f} {r['step_ms']:>8.1f} "
               f"{r['peak_mem_mib']:>9.0f} {3 * r['fwd_gflop_per_sample']:>12.1f} {mfu:>6}")
 
 
@@ -412,9 +434,10 @@ def main() -> int:
         return 0
     if args.recipes:
         names = args.recipes.split(",")
-        unknown = [n for n in names if n not in RECIPES]
+        unknown = [n for n in names if recipe_of(n) is None]
         if unknown:
-            p.error(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+            p.error(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(RECIPES)}, each "
+                    f"optionally +{'+'.join(VARIANTS)}")
         rows = recipes(names, args.steps, args.recipe_batch, args.text_tokens,
                        device_peak_tflops(args.peak_tflops), args.timeout, args.json)
         print_recipes(rows)

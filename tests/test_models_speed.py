@@ -93,3 +93,28 @@ def test_compile_switch_compiles_towers_in_place_with_the_same_outputs():
     assert torch.get_float32_matmul_precision() == before  # TF32 is CUDA-only: CPU stays exact
     assert list(tower.state_dict()) == keys
     torch.testing.assert_close(tower(mel), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_every_gpu_suite_variant_is_a_valid_config_of_its_recipe():
+    """benchmarks/gpu_suite.sh measures RECIPE+VARIANT names on the GPU: a misspelt field there would
+    only show as a failed row in a short GPU lease. Loaded here through bench_train's own parser."""
+    import importlib.util
+    import re
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_train", repo / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_train", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    names = re.search(r'VARIANTS="([^"]+)"', (repo / "benchmarks" / "gpu_suite.sh").read_text()).group(1).split(",")
+    assert {v for n in names for v in n.split("+")[1:]} == set(bench.VARIANTS)  # each switch measured
+    for name in names:
+        recipe = bench.recipe_of(name)
+        cfg = load_config(repo / "configs" / recipe.config, list(recipe.overrides))  # validates every field
+        if "sdpa" in name:
+            assert cfg.model.audio.attention == "sdpa" and cfg.model.audio.name == "htsat"
+        if "channels_last" in name:
+            assert cfg.model.audio.channels_last and cfg.model.audio.name == "cnn"
+    assert bench.recipe_of("htsat-base-roberta+bogus") is None
