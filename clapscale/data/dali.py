@@ -66,6 +66,7 @@ from clapscale.data.wds import (
     collate_waveforms,
     decode_audio,
     decode_crop,
+    flac_header,
     epoch_shard_order,
     log_source_shares,
     parse_meta,
@@ -80,24 +81,6 @@ from clapscale.shards.index import idx_path_of
 PICK_BLOCK = 4096
 
 log = logging.getLogger(__name__)
-
-
-def flac_header(data: bytes) -> tuple[int, int]:
-    """``(sample_rate, total_samples)`` from a FLAC stream's STREAMINFO; raises ``SkipSample``.
-
-    Catches what would kill a DALI decoder before it runs: empty members, non-FLAC bytes, a
-    broken first metadata block. ``total_samples`` is 0 when the encoder did not record it.
-    """
-    if not data:
-        raise SkipSample("empty_audio", "absent or 0-byte .flac member")
-    if len(data) < 42 or data[:4] != b"fLaC" or (data[4] & 0x7F) != 0 or data[5:8] != b"\x00\x00\x22":
-        raise SkipSample("decode_error", "not a FLAC stream (bad magic or STREAMINFO)")
-    info = int.from_bytes(data[8:42], "big")
-    # STREAMINFO bit layout (272 bits): ... 20 bits sample rate at bit 80, 3 channels, 5 bps,
-    # 36 bits total samples, 128 bits MD5.
-    sample_rate = (info >> (272 - 100)) & 0xFFFFF
-    total = (info >> 128) & 0xFFFFFFFFF
-    return sample_rate, total
 
 
 def _hann_periodic(n: int) -> list[float]:

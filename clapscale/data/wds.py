@@ -126,6 +126,24 @@ def decode_audio(data: bytes, audio_cfg: AudioConfig) -> np.ndarray:
     return mono
 
 
+def flac_header(data: bytes) -> tuple[int, int]:
+    """``(sample_rate, total_samples)`` from a FLAC stream's STREAMINFO; raises ``SkipSample``.
+
+    Catches what would kill a DALI decoder before it runs: empty members, non-FLAC bytes, a
+    broken first metadata block. ``total_samples`` is 0 when the encoder did not record it.
+    """
+    if not data:
+        raise SkipSample("empty_audio", "absent or 0-byte .flac member")
+    if len(data) < 42 or data[:4] != b"fLaC" or (data[4] & 0x7F) != 0 or data[5:8] != b"\x00\x00\x22":
+        raise SkipSample("decode_error", "not a FLAC stream (bad magic or STREAMINFO)")
+    info = int.from_bytes(data[8:42], "big")
+    # STREAMINFO bit layout (272 bits): ... 20 bits sample rate at bit 80, 3 channels, 5 bps,
+    # 36 bits total samples, 128 bits MD5.
+    sample_rate = (info >> (272 - 100)) & 0xFFFFF
+    total = (info >> 128) & 0xFFFFFFFFF
+    return sample_rate, total
+
+
 def decode_crop(data: bytes, audio_cfg: AudioConfig, rng: np.random.Generator | None) -> PolicyResult | None:
     """The length policy's crop of a FLAC clip, decoding only the crop's ``clip_samples`` frames.
 
@@ -139,7 +157,14 @@ def decode_crop(data: bytes, audio_cfg: AudioConfig, rng: np.random.Generator | 
     window (only the whole clip tells whether the clip is silent). The caller then decodes in full,
     which also reports every bad sample as before.
     """
-    if not data:
+    try:
+        sample_rate, total = flac_header(data)
+    except SkipSample:
+        return None
+    # Most clips need no crop: tell from STREAMINFO, without opening a decoder (no draw is skipped:
+    # crop_offset draws only for a clip longer than one clip).
+    cap = int(round(audio_cfg.max_seconds * audio_cfg.sample_rate))
+    if sample_rate != audio_cfg.sample_rate or total == 0 or min(total, cap) <= audio_cfg.clip_samples:
         return None
     saved = rng.bit_generator.state if rng is not None else None
     try:
@@ -147,7 +172,7 @@ def decode_crop(data: bytes, audio_cfg: AudioConfig, rng: np.random.Generator | 
             total = f.frames
             if f.format != "FLAC" or f.samplerate != audio_cfg.sample_rate or not 0 < total < (1 << 62):
                 return None
-            length = min(total, int(round(audio_cfg.max_seconds * audio_cfg.sample_rate)))
+            length = min(total, cap)
             offset = crop_offset(length, audio_cfg, rng)
             if offset is None:
                 return None
