@@ -40,7 +40,8 @@ class Batches(IterableDataset):
     def __iter__(self):
         wave = (0.1 * np.random.default_rng(0).standard_normal(self.samples)).astype(np.float32)
         pcm = np.round(wave * 32768).astype(np.int16)
-        ring = [torch.zeros(self.rows, self.samples).share_memory_() for _ in range(4)] if self.mode == "shared_ring" else []
+        ring = ([torch.zeros(self.rows, self.samples).share_memory_() for _ in range(4)]
+                if self.mode == "shared_ring" else [])
         for k in range(self.batches):
             if self.mode == "startup":
                 yield {}

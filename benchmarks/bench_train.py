@@ -398,7 +398,8 @@ def recipes(names: list[str], steps: int, batch: int, tokens: int, peak_tflops: 
 
 
 def print_recipes(rows: list[dict]) -> None:
-    print(f"{'recipe':<36} {'batch':>5} {'samples/s':>10} {'step ms':>8} {'peak MiB':>9} {'GFLOP/sample':>12} {'MFU':>6}")
+    print(f"{'recipe':<36} {'batch':>5} {'samples/s':>10} {'step ms':>8} {'peak MiB':>9} "
+          f"{'GFLOP/sample':>12} {'MFU':>6}")
     for r in rows:
         if r["status"] != "ok":
             print(f"{r['recipe']:<36} FAILED: {r['error'].splitlines()[-1] if r['error'] else ''}")

@@ -26,7 +26,8 @@ def test_htsat_sdpa_window_attention_matches_eager_forward_and_backward():
         tower.zero_grad()
         out = tower(mel)
         out.square().sum().backward()
-        grads = {n: p.grad.clone() for n, p in tower.named_parameters() if "relative_position_bias" in n or "query" in n}
+        grads = {n: p.grad.clone() for n, p in tower.named_parameters()
+                 if "relative_position_bias" in n or "query" in n}
         return out.detach(), grads
 
     ref, ref_grads = run()
