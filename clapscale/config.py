@@ -236,9 +236,27 @@ class LossConfig:
     soft_label_temperature: float = 0.1
     # Checkpoint of a frozen teacher CLAP for soft labels; empty = the model itself, detached.
     teacher: str = ""
+    # kind=pairwise: weight of each modality pair's InfoNCE; pairs with weight 0 are left out.
+    # All three = AudioCLIP; audio_image + image_text with frozen image/text towers = VIP-ANT.
+    weight_audio_text: float = 1.0
+    weight_audio_image: float = 0.0
+    weight_image_text: float = 0.0
+
+    def pair_weights(self) -> dict[str, float]:
+        """``{pair name: weight}`` of the pairs with a positive weight (``kind=pairwise``)."""
+        weights = {"audio-text": self.weight_audio_text, "audio-image": self.weight_audio_image,
+                   "image-text": self.weight_image_text}
+        return {name: w for name, w in weights.items() if w > 0.0}
 
     def validate(self, path: str) -> None:
-        _choice(f"{path}.kind", self.kind, ("infonce", "duplicate_aware", "soft_label"))
+        _choice(f"{path}.kind", self.kind, ("infonce", "duplicate_aware", "soft_label", "pairwise"))
+        for pair in ("audio_text", "audio_image", "image_text"):
+            if getattr(self, f"weight_{pair}") < 0.0:
+                raise ConfigError(f"{path}.weight_{pair} must be >= 0, got {getattr(self, f'weight_{pair}')}")
+        if self.kind == "pairwise" and not self.pair_weights():
+            raise ConfigError(
+                f"{path}.kind=pairwise but every {path}.weight_* is 0: give at least one pair a positive weight"
+            )
         if self.local_loss and not self.gather_with_grad:
             raise ConfigError(
                 f"{path}.local_loss=true with {path}.gather_with_grad=false trains with a silently "

@@ -250,6 +250,94 @@ class DuplicateAwareClipLoss(_GatheredContrastive):
         return 0.5 * (_soft_cross_entropy(target, logits_a2t) + _soft_cross_entropy(target, logits_t2a))
 
 
+MODALITIES = ("audio", "image", "text")
+
+
+def pair_name(first: str, second: str) -> str:
+    """Canonical name of a modality pair, in ``MODALITIES`` order: ``pair_name("text", "audio") ==
+    "audio-text"``. Unknown modalities or a modality paired with itself raise ``ValueError``."""
+    for m in (first, second):
+        if m not in MODALITIES:
+            raise ValueError(f"modality {m!r} is not one of {', '.join(MODALITIES)}")
+    if first == second:
+        raise ValueError(f"a contrastive pair needs two different modalities, got {first!r} twice")
+    a, b = sorted((first, second), key=MODALITIES.index)
+    return f"{a}-{b}"
+
+
+class PairwiseInfoNCE(_GatheredContrastive):
+    """Weighted sum of symmetric InfoNCE losses over pairs of modalities (audio, image, text).
+
+    ``pairs`` maps a pair name (``"audio-text"``, ``"audio-image"``, ``"image-text"``, either order) to
+    its weight; the loss is ``sum_p w_p * InfoNCE_p`` (a sum, not a mean: with unit weights each pair
+    counts as a whole CLAP loss). All three pairs is AudioCLIP's tri-modal loss
+    (papers/audioclip.txt, sec. 3.3); ``{"audio-image", "image-text"}`` with the image and text
+    towers frozen is VIP-ANT's bi-bi-modal loss (the image-text term then has no gradient and only
+    reports the pivot's own alignment; VIP-ANT trains L(V,A)); ``{"audio-text": 1}`` is ``ClipLoss``.
+
+    Each modality is gathered once, whatever the number of pairs it takes part in. A modality whose
+    features carry no gradient (a frozen tower) is gathered without it. Every pair's term follows
+    ``ClipLoss``'s convention (local rows against all gathered columns), so averaging per-rank
+    losses and gradients gives the single-process ones (tests/test_losses_trimodal.py).
+
+    ``forward(features {modality: (b, D)}, logit_scale) -> loss ()``; ``logit_scale`` is one 0-d
+    multiplier for every pair, or a dict ``{pair name: 0-d}`` (AudioCLIP learns one per pair).
+    ``last_terms`` holds the detached per-pair losses of the latest forward, for logging.
+    """
+
+    def __init__(self, pairs: dict[str, float], **kwargs) -> None:
+        super().__init__(**kwargs)
+        if not pairs:
+            raise ValueError("pairwise InfoNCE needs at least one modality pair")
+        self.pairs: dict[str, float] = {}
+        for name, weight in pairs.items():
+            parts = name.split("-")
+            if len(parts) != 2:
+                raise ValueError(f"pair {name!r} must name two modalities as 'first-second', e.g. 'audio-text'")
+            canonical = pair_name(*parts)
+            if canonical in self.pairs:
+                raise ValueError(f"pair {name!r} is given twice (as {canonical!r})")
+            if not weight >= 0.0:
+                raise ValueError(f"weight of pair {name!r} must be >= 0, got {weight}")
+            self.pairs[canonical] = float(weight)
+        self.modalities = tuple(m for m in MODALITIES if any(m in p.split("-") for p in self.pairs))
+        self.last_terms: dict[str, torch.Tensor] = {}
+
+    def forward(
+        self, features: dict[str, torch.Tensor], logit_scale: torch.Tensor | dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        missing = [m for m in self.modalities if m not in features]
+        if missing:
+            raise ValueError(
+                f"pairs {', '.join(self.pairs)} need {', '.join(self.modalities)} features; "
+                f"missing {', '.join(missing)}"
+            )
+        ref = features[self.modalities[0]]
+        for m in self.modalities:
+            _check_pair(ref, features[m])
+        b = ref.shape[0]
+        gathered = {m: self._gather_modality(features[m]) for m in self.modalities}
+        rows = self._rows(b, ref.device)
+        total = ref.new_zeros(())
+        self.last_terms = {}
+        for name, weight in self.pairs.items():
+            first, second = name.split("-")
+            scale = logit_scale[name] if isinstance(logit_scale, dict) else logit_scale
+            logits_12, logits_21 = self._logits(
+                features[first], features[second], gathered[first], gathered[second], scale
+            )
+            term = 0.5 * (F.cross_entropy(logits_12, rows) + F.cross_entropy(logits_21, rows))
+            self.last_terms[name] = term.detach()
+            total = total + weight * term
+        return total
+
+    def _gather_modality(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad:
+            # A frozen tower: the columns are constants; a plain gather moves no gradient bookkeeping.
+            return gather_features(x, self.rank, self.world_size, with_grad=False)
+        return self._gather(x)
+
+
 def caption_groups(captions: list[str]) -> torch.Tensor:
     """(b,) int64 group ids of captions for ``DuplicateAwareClipLoss``: equal after lower-casing
     and collapsing whitespace <=> equal id. A keyed hash, so every rank gives the same text the
@@ -290,4 +378,8 @@ def build_loss(cfg_loss, rank: int = 0, world_size: int = 1) -> nn.Module:
         return SoftLabelClipLoss(
             beta=cfg_loss.soft_label_beta, temperature=cfg_loss.soft_label_temperature, **common
         )
-    raise ValueError(f"loss.kind={cfg_loss.kind!r} is not one of 'infonce', 'duplicate_aware', 'soft_label'")
+    if cfg_loss.kind == "pairwise":
+        return PairwiseInfoNCE(cfg_loss.pair_weights(), **common)
+    raise ValueError(
+        f"loss.kind={cfg_loss.kind!r} is not one of 'infonce', 'duplicate_aware', 'soft_label', 'pairwise'"
+    )
