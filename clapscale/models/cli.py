@@ -37,12 +37,15 @@ def audio_rows(names: list[str] | None, audio: AudioConfig) -> list[dict]:
     for name, entry in AUDIO_TOWERS.items():
         if names and name not in names:
             continue
+        # Waveform towers (ESResNeXt) make their own spectrogram from the clip's samples.
+        extra = {"sample_rate": audio.sample_rate} if entry.waveform else {}
+        x = torch.zeros(1, 1, audio.clip_samples) if entry.waveform else mel
         for size in entry.sizes:
-            tower = resolve(entry.builder)(size, fusion="none", n_mels=audio.n_mels, n_frames=audio.n_frames)
+            tower = resolve(entry.builder)(size, fusion="none", n_mels=audio.n_mels, n_frames=audio.n_frames, **extra)
             rows.append({
                 "kind": "audio", "tower": name, "size": size, "supports_fusion": entry.fusion,
                 "out_dim": tower.out_dim, "params": count_parameters(tower),
-                "gflops": forward_flops(tower, mel, torch.zeros(1, dtype=torch.bool)) / 1e9,
+                "gflops": forward_flops(tower, x, torch.zeros(1, dtype=torch.bool)) / 1e9,
                 "per": f"{audio.clip_seconds:g} s clip",
             })
             del tower

@@ -29,8 +29,9 @@ def build_audio_tower(model_cfg: ModelConfig, audio_cfg: AudioConfig) -> AudioTo
             f"chunks per long clip), got audio.length_policy={audio_cfg.length_policy!r}: set "
             "audio.length_policy=fusion, or model.audio.fusion=none"
         )
+    extra = {"sample_rate": audio_cfg.sample_rate} if entry.waveform else {}
     tower = resolve(entry.builder)(
-        str(a.size), fusion=a.fusion, n_mels=audio_cfg.n_mels, n_frames=audio_cfg.n_frames
+        str(a.size), fusion=a.fusion, n_mels=audio_cfg.n_mels, n_frames=audio_cfg.n_frames, **extra
     )
     if a.pretrained:
         tower.load_pretrained(a.pretrained)

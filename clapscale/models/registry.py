@@ -19,6 +19,8 @@ class AudioTowerEntry:
     fusion: bool  # accepts model.audio.fusion other than "none"
     builder: str  # "module:function(size, fusion, n_mels, n_frames) -> AudioTower"
     description: str
+    # Reads raw audio (B, C, N) rather than log-mels; its builder also takes sample_rate.
+    waveform: bool = False
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,13 @@ AUDIO_TOWERS: dict[str, AudioTowerEntry] = {
         False,
         "clapscale.models.audio.vit:build_vit",
         "VIP-ANT audio ViT: open_clip's ViT-B/32 image tower on spectrograms",
+    ),
+    "esresnext": AudioTowerEntry(
+        ("50",),
+        False,
+        "clapscale.models.audio.esresnext:build_esresnext",
+        "AudioCLIP's ESResNeXt: ResNeXt-50 (32x4d) on a trainable fbsp filterbank of the waveform",
+        waveform=True,
     ),
 }
 

@@ -16,6 +16,9 @@ class AudioTower(nn.Module):
 
     out_dim: int
     supports_fusion: bool = False
+    # "mel": forward takes the log-mel batch above; "waveform": raw audio (B, C, N) instead
+    # (towers with their own trainable time-frequency front end, e.g. ESResNeXt).
+    input_kind: str = "mel"
 
     def forward(self, mel: torch.Tensor, is_longer: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
