@@ -133,6 +133,9 @@ class DataConfig:
     # text_or_tags (clapscale/data/captions.py)
     caption: str = "text"
     seed: int = 0
+    # > 0: batches also carry each clip's picture (<key>.jpg) as "image" (B, 3, S, S), CLIP-normalised
+    # at S x S (224 for CLIP ViT-B/32); samples without one are skipped. 0: audio and text only.
+    image_size: int = 0
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.backend", self.backend, ("wds", "dali"))
@@ -146,6 +149,13 @@ class DataConfig:
             raise ConfigError(f"{path}.workers must be >= 0, got {self.workers}")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"{path}.shuffle_buffer must be >= 0 (0 or 1: no shuffle), got {self.shuffle_buffer}")
+        if self.image_size < 0:
+            raise ConfigError(f"{path}.image_size must be >= 0 (0 = no images), got {self.image_size}")
+        if self.image_size and self.backend == "dali":
+            raise ConfigError(
+                f"{path}.image_size={self.image_size} but {path}.backend=dali does not decode the clips' "
+                f"pictures (.jpg) yet: use {path}.backend=wds for image batches"
+            )
         if self.train_weights:
             weights = self.train_weights.split("::")
             if len(weights) != len(self.train.split("::")):

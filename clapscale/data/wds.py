@@ -68,6 +68,8 @@ SKIP_REASONS = (
     "truncated_tar",  # a shard ending mid-member (samples before the cut are kept)
     "unreadable_shard",  # a shard that cannot be opened at all
     "silent",  # all-silent after downmix to mono (e.g. stereo channels that cancel), as make_shards rejects
+    "missing_image",  # data.image_size > 0 and the sample has no (or a 0-byte) .jpg member
+    "bad_image",  # a .jpg member that does not decode
 )
 
 WARN_REASONS = (
@@ -254,7 +256,7 @@ def decode_sample(
     res = decode_crop(raw["flac"], audio_cfg, rng)
     if res is None:
         res = apply_length_policy(decode_audio(raw["flac"], audio_cfg), audio_cfg, rng)
-    return {
+    out = {
         "key": raw["__key__"],
         "waveform": res.waveform,
         "length": res.length,
@@ -262,6 +264,21 @@ def decode_sample(
         "fusion_starts": res.fusion_starts,
         **texts,
     }
+    if data_cfg.image_size:
+        out["image"] = sample_image(raw, data_cfg.image_size)
+    return out
+
+
+def sample_image(raw: dict[str, Any], size: int) -> np.ndarray:
+    """The sample's ``.jpg`` as a CLIP-normalised ``(3, size, size)`` array; ``SkipSample`` if absent or bad."""
+    from clapscale.data.images import decode_image
+
+    if not raw.get("jpg"):
+        raise SkipSample("missing_image", "absent or 0-byte .jpg member (data.image_size asks for images)")
+    try:
+        return decode_image(raw["jpg"], size)
+    except ValueError as e:
+        raise SkipSample("bad_image", str(e)) from e
 
 
 def collate_waveforms(waves: list[np.ndarray]) -> torch.Tensor:
@@ -286,7 +303,10 @@ def collate_waveforms(waves: list[np.ndarray]) -> torch.Tensor:
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Decoded samples -> batch dict (see ``clapscale.data``). Rows are zero-padded to the longest."""
-    return {"waveform": collate_waveforms([s["waveform"] for s in samples]), **collate_meta(samples)}
+    out = {"waveform": collate_waveforms([s["waveform"] for s in samples]), **collate_meta(samples)}
+    if samples and "image" in samples[0]:
+        out["image"] = torch.from_numpy(np.stack([s["image"] for s in samples]))
+    return out
 
 
 def collate_meta(samples: list[dict[str, Any]]) -> dict[str, Any]:

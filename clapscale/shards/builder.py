@@ -160,6 +160,9 @@ def build_sample(index: int, item: Item, max_seconds: float | None) -> Outcome:
                       "original": item.original, **item.extra}
             if item.licence:
                 record["licence"] = item.licence
+            if item.image:
+                with open(item.image, "rb") as f:
+                    record["image"] = f.read()
         problem = _check_audio(record["audio"])
         if problem:
             return Outcome(index, code=problem[0], reason=f"{item.original}: {problem[1]}")

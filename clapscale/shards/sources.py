@@ -47,14 +47,16 @@ class Item:
     reject: str | None = None  # known-bad before decoding: the reason ...
     reject_code: str | None = None  # ... and its category for the summary
     key: str = ""  # assigned by ``assign_keys``
+    image: str | None = None  # a JPEG stored with the clip as <key>.jpg (manifest column ``image``)
 
     def fail(self, code: str, reason: str) -> "Item":
         self.reject_code, self.reject = code, reason
         return self
 
     def fingerprint(self) -> list[Any]:
-        return [self.split, self.original, self.path, self.text, self.tag, self.licence, self.extra,
+        return ([self.split, self.original, self.path, self.text, self.tag, self.licence, self.extra,
                 self.synthetic_index, self.synthetic_seed, self.reject, self.key]
+                + ([self.image] if self.image else []))
 
 
 # ----------------------------------------------------------------------------- captions
@@ -227,7 +229,8 @@ def from_manifest(manifest: Path, root: Path | None = None, default_split: str =
     """Rows of a CSV/TSV/JSONL manifest: ``path`` (relative to ``root``), ``caption`` / ``text``
     (one string, or a JSON list; CSV may use ``caption_1..caption_N``), or ``tags`` only (CSV:
     separated by ``,`` or ``;``) for a template caption, optional ``split``, ``id``, ``licence``,
-    ``text_augment_t5`` / ``text_augment_all`` (keyword-to-caption augmentations, copied as given).
+    ``text_augment_t5`` / ``text_augment_all`` (keyword-to-caption augmentations, copied as given),
+    ``image`` (a JPEG relative to ``root``: the clip's picture or video frame, stored as ``<key>.jpg``).
     """
     manifest = Path(manifest)
     if not manifest.is_file():
@@ -266,6 +269,16 @@ def from_manifest(manifest: Path, root: Path | None = None, default_split: str =
         if not os.path.isfile(item.path):
             item.fail("missing_file", f"{where}: no such file {item.path}")
             continue
+        image = row.get("image")
+        if image not in (None, ""):
+            try:
+                item.image = str(resolve_under(root, str(image)))
+            except ValueError as exc:
+                item.fail("path_escapes_root", f"{where}: image: {exc}")
+                continue
+            if not os.path.isfile(item.image):
+                item.fail("missing_image", f"{where}: no such image file {item.image}")
+                continue
         item.text = _as_list(_first(row, _TEXT_COLS), None)
         item.tag = _as_list(_first(row, _TAG_COLS), r"[;,]")
         if not item.text and item.tag:

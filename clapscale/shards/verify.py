@@ -2,7 +2,7 @@
 
 Checks: manifest.json and each split's sizes.json agree with each other and with the tars on
 disk (names, sample counts, seconds); each tar's sha256 and size; GNU tar headers; members come in
-(<key>.flac, <key>.json) pairs, adjacent, in key order, keys unique and dot-free; the ``.idx``
+(<key>.flac, <key>.json) pairs (an optional <key>.jpg between them decodes), adjacent, in key order, keys unique and dot-free; the ``.idx``
 equals the index of the tar's actual offsets; every FLAC decodes as 48 kHz mono 16-bit, its length
 matches the JSON ``duration`` and its PCM matches ``content_hash``; the JSON schema.
 
@@ -28,7 +28,7 @@ import soundfile as sf
 
 from clapscale.shards.audio_io import SAMPLE_RATE, SILENCE_PEAK
 from clapscale.shards.index import IDX_VERSION, find_tars, idx_path_of, index_tar, split_member_name
-from clapscale.shards.writer import KEY_RE, MANIFEST_NAME, SIZES_NAME
+from clapscale.shards.writer import KEY_RE, MANIFEST_NAME, MAX_IMAGE_BYTES, SIZES_NAME, check_jpeg
 
 _GNU_MAGIC = b"ustar  \0"
 # Frames decoded at a time when checking a FLAC: memory stays bounded for clips of any length.
@@ -139,22 +139,34 @@ def _verify_members(tf: tarfile.TarFile, raw: BinaryIO, members: list[tarfile.Ta
             i += 1
             continue
         key, _, ext = m.name.partition(".")
-        if ext != "flac" or i + 1 >= len(members) or members[i + 1].name != f"{key}.json" or not members[i + 1].isfile():
+        # An optional picture sits between the two: <key>.flac, <key>.jpg, <key>.json.
+        img = members[i + 1] if i + 1 < len(members) and members[i + 1].name == f"{key}.jpg" else None
+        nxt = i + 2 if img is not None else i + 1
+        if ext != "flac" or nxt >= len(members) or members[nxt].name != f"{key}.json" or not members[nxt].isfile():
             problems.append(f"{name}: sample {key!r} lacks an adjacent .flac + .json pair (found {m.name})")
             i += 1
             continue
-        j = members[i + 1]
-        i += 2
+        j = members[nxt]
+        i = nxt + 1
         where = f"{name}:{key}"
         if not KEY_RE.match(key):
             problems.append(f"{where}: invalid key (letters, digits, '_' and '-' only)")
         if keys and key <= keys[-1]:
             problems.append(f"{where}: keys out of order or repeated (after {keys[-1]!r})")
         keys.append(key)
-        idx_lines.append(f"flac {m.offset_data} {m.size} {m.name} json {j.offset_data} {j.size} {j.name}")
-        if max(x.offset_data + x.size for x in (m, j)) > size:
+        image_field = f" jpg {img.offset_data} {img.size} {img.name}" if img is not None else ""
+        idx_lines.append(f"flac {m.offset_data} {m.size} {m.name}{image_field} json {j.offset_data} {j.size} {j.name}")
+        if max(x.offset_data + x.size for x in (m, j, img) if x is not None) > size:
             problems.append(f"{where}: the file ends inside this sample (truncated)")
             continue
+        if img is not None:
+            if img.size > MAX_IMAGE_BYTES:
+                problems.append(f"{where}: image of {img.size} bytes exceeds {MAX_IMAGE_BYTES}")
+            else:
+                try:
+                    check_jpeg(_read_member(tf, img), where)
+                except ValueError as exc:
+                    problems.append(str(exc))
         try:
             meta = json.loads(_read_member(tf, j).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -32,7 +32,8 @@ from clapscale.shards.index import IDX_VERSION, idx_path_of
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 MANIFEST_NAME = "manifest.json"
 SIZES_NAME = "sizes.json"
-_RESERVED = {"key", "audio"}
+_RESERVED = {"key", "audio", "image"}
+MAX_IMAGE_BYTES = 16 << 20  # a clip's picture; bounds what a loader or --verify reads for one member
 
 
 @dataclass
@@ -42,6 +43,7 @@ class EncodedSample:
     key: str
     flac: bytes
     meta: dict[str, Any]
+    jpg: bytes | None = None  # the clip's picture (a video frame, a rendered image), stored as <key>.jpg
 
 
 @dataclass
@@ -86,7 +88,7 @@ def encode_record(record: Mapping[str, Any], split: str) -> EncodedSample:
 
     ``record``: ``key`` (str, no dots), ``audio`` (float32 mono 48 kHz, shape ``(n,)``, or an
     ``EncodedAudio`` that make_shards encoded while decoding, so a long clip's PCM is never held
-    whole), ``text``
+    whole), optional ``image`` (JPEG bytes, stored as ``<key>.jpg``), ``text``
     (list of captions), optional ``tag`` (list of labels), ``source``, ``original``, ``licence`` and
     any other JSON-serialisable fields, which are stored as given. ``duration``, ``sample_rate``,
     ``split`` and ``content_hash`` are computed here.
@@ -112,7 +114,25 @@ def encode_record(record: Mapping[str, Any], split: str) -> EncodedSample:
     meta["duration"] = audio.samples / SAMPLE_RATE
     meta["sample_rate"] = SAMPLE_RATE
     meta["content_hash"] = audio.content_hash
-    return EncodedSample(key=key, flac=audio.flac, meta=meta)
+    image = record.get("image")
+    if image is not None:
+        check_jpeg(image, f"sample {key!r}")
+    return EncodedSample(key=key, flac=audio.flac, meta=meta, jpg=image)
+
+
+def check_jpeg(data: Any, where: str) -> None:
+    """Raise ``ValueError`` unless ``data`` is the bytes of a JPEG that PIL can decode."""
+    if not isinstance(data, (bytes, bytearray)) or not bytes(data[:3]) == b"\xff\xd8\xff":
+        raise ValueError(f"{where}: image must be the bytes of a JPEG file (starting FF D8 FF)")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"{where}: image of {len(data)} bytes exceeds {MAX_IMAGE_BYTES}; store a smaller JPEG")
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except (OSError, SyntaxError) as exc:
+        raise ValueError(f"{where}: image is not a decodable JPEG ({exc})") from exc
 
 
 def _tar_header(name: str, size: int) -> bytes:
@@ -151,7 +171,8 @@ def write_shard(tar_path: Path, samples: list[EncodedSample]) -> ShardInfo:
     for s in samples:
         payload_json = json.dumps(s.meta, ensure_ascii=False, sort_keys=True).encode("utf-8")
         fields = []
-        for ext, payload in (("flac", s.flac), ("json", payload_json)):
+        members = [("flac", s.flac)] + ([("jpg", bytes(s.jpg))] if s.jpg is not None else []) + [("json", payload_json)]
+        for ext, payload in members:
             name = f"{s.key}.{ext}"
             buf.write(_tar_header(name, len(payload)))
             fields.append(f"{ext} {buf.tell()} {len(payload)} {name}")
