@@ -149,6 +149,9 @@ def build_sample(index: int, item: Item, max_seconds: float | None) -> Outcome:
                 record["events"] = [{**e, "end": min(e["end"], max_seconds)} for e in record["events"]
                                     if e["start"] < max_seconds]
             record["audio"] = encode_flac_stream([record["audio"]])
+            if item.synthetic_image:
+                record["image"] = synthetic.render_picture(record["tag"], item.split, item.synthetic_index,
+                                                           item.synthetic_seed)
         else:
             # Decoded, resampled and encoded in blocks: a clip costs its FLAC bytes, whatever its length.
             audio = encode_flac_stream(iter_audio(item.path, SAMPLE_RATE, max_seconds))

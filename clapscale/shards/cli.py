@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=512, help="samples per shard (default 512)")
     p.add_argument("--max-seconds", type=float, default=None, help="truncate longer clips to their first S seconds")
     p.add_argument("--seed", type=int, default=0, help="--synthetic: corpus seed (default 0)")
+    p.add_argument("--synthetic-images", action="store_true",
+                   help="--synthetic: store with each clip a rendered picture of its sound classes (<key>.jpg)")
     p.add_argument("--shuffle-seed", type=int, default=0,
                    help="seed of the clip order within each split (default 0; --synthetic keeps its own random order)")
     p.add_argument("--no-shuffle", action="store_true",
@@ -76,7 +78,7 @@ def _items(args: argparse.Namespace) -> list[sources.Item]:
     elif args.from_manifest is not None:
         items = sources.from_manifest(args.from_manifest, args.root, args.split)
     elif args.synthetic is not None:
-        items = sources.from_synthetic(args.synthetic, args.seed)
+        items = sources.from_synthetic(args.synthetic, args.seed, images=args.synthetic_images)
     else:
         items = sources.from_preset(args.preset[0], Path(args.preset[1]))
     sources.assign_keys(items)

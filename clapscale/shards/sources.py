@@ -48,6 +48,7 @@ class Item:
     reject_code: str | None = None  # ... and its category for the summary
     key: str = ""  # assigned by ``assign_keys``
     image: str | None = None  # a JPEG stored with the clip as <key>.jpg (manifest column ``image``)
+    synthetic_image: bool = False  # synthetic clips: store the rendered picture of their classes
 
     def fail(self, code: str, reason: str) -> "Item":
         self.reject_code, self.reject = code, reason
@@ -56,7 +57,7 @@ class Item:
     def fingerprint(self) -> list[Any]:
         return ([self.split, self.original, self.path, self.text, self.tag, self.licence, self.extra,
                 self.synthetic_index, self.synthetic_seed, self.reject, self.key]
-                + ([self.image] if self.image else []))
+                + ([self.image] if self.image else []) + (["synthetic_image"] if self.synthetic_image else []))
 
 
 # ----------------------------------------------------------------------------- captions
@@ -433,13 +434,15 @@ def from_preset(name: str, root: Path) -> list[Item]:
 
 # ----------------------------------------------------------------------------- synthetic
 
-def from_synthetic(total: int, seed: int = 0) -> list[Item]:
-    """``total`` synthetic clips divided 80/10/10 into train / valid / test."""
+def from_synthetic(total: int, seed: int = 0, images: bool = False) -> list[Item]:
+    """``total`` synthetic clips divided 80/10/10 into train / valid / test; ``images``: each with the
+    rendered picture of its classes (``synthetic.render_picture``) as ``<key>.jpg``."""
     items = []
     for split, n in synthetic.split_counts(total).items():
         for i in range(n):
             items.append(Item(split=split, original=f"synthetic:{split}:{seed}:{i}", source="synthetic",
-                              synthetic_index=i, synthetic_seed=seed, extra={"corpus_version": synthetic.CORPUS_VERSION}))
+                              synthetic_index=i, synthetic_seed=seed, extra={"corpus_version": synthetic.CORPUS_VERSION},
+                              synthetic_image=images))
     return items
 
 

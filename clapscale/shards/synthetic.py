@@ -231,6 +231,51 @@ def make_clip(split: str, index: int, seed: int = 0) -> dict[str, Any]:
     }
 
 
+# Rendered pictures (the image modality of the pivot miniature): each class is a shape in a colour, so a
+# clip's picture shows exactly its sound classes. Shapes and colours are both class-specific, so either
+# cue alone identifies a class; positions, sizes and the background vary per clip.
+PICTURE_SIZE = 64
+_SHAPES = ("circle", "square", "triangle", "diamond", "bar", "cross")
+_COLOURS = ((220, 40, 40), (40, 170, 60), (40, 80, 220), (230, 200, 30), (160, 50, 200), (30, 190, 200),
+            (240, 130, 20), (120, 120, 120), (250, 250, 250), (20, 20, 20), (150, 90, 40), (240, 120, 180))
+LABEL_STYLE = {label: (_SHAPES[i % len(_SHAPES)], _COLOURS[i]) for i, label in enumerate(LABELS)}
+
+
+def render_picture(tags: list[str], split: str, index: int, seed: int = 0) -> bytes:
+    """A ``PICTURE_SIZE``-pixel JPEG showing one shape per class in ``tags`` (``LABEL_STYLE``), seeded by
+    ``(seed, split, index)`` on a stream of its own (the clip's audio stream is untouched)."""
+    from io import BytesIO
+
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng([seed, SPLITS.index(split), index, 1])
+    size = PICTURE_SIZE
+    bg = tuple(int(v) for v in rng.integers(60, 200, size=3))
+    im = Image.new("RGB", (size, size), bg)
+    draw = ImageDraw.Draw(im)
+    for label in tags:
+        shape, colour = LABEL_STYLE[label]
+        r = int(rng.integers(size // 8, size // 4))
+        cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif shape == "square":
+            draw.rectangle(box, fill=colour)
+        elif shape == "triangle":
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+        elif shape == "diamond":
+            draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+        elif shape == "bar":
+            draw.rectangle((cx - r, cy - r // 3, cx + r, cy + r // 3), fill=colour)
+        else:
+            draw.rectangle((cx - r, cy - r // 4, cx + r, cy + r // 4), fill=colour)
+            draw.rectangle((cx - r // 4, cy - r, cx + r // 4, cy + r), fill=colour)
+    buf = BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
 def generate(split: str, n: int, seed: int = 0) -> Iterator[dict[str, Any]]:
     """Yield ``n`` clips of ``split`` ("train", "valid" or "test") as record dicts, in index order."""
     for index in range(n):
