@@ -207,9 +207,25 @@ class TextTowerConfig:
 
 
 @dataclass
+class ImageTowerConfig:
+    # "" = no image tower (CLAP); "clip": open_clip's CLIP image ViT (AudioCLIP / VIP-ANT pivot).
+    name: str = ""
+    # b32: CLIP ViT-B/32 (weights from `path`); tiny: a CPU-sized ViT (patch 8, width 64, 2 layers).
+    size: str = "b32"
+    # Local CLIP checkpoint file whose visual.* tensors initialise the tower; empty = random init.
+    path: str = ""
+    frozen: bool = False
+
+
+@dataclass
 class ModelConfig:
     audio: AudioTowerConfig = field(default_factory=AudioTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    # With an image tower: true = text and image embeddings are their towers' own outputs (no
+    # projection MLP), the shared space the audio is trained into (VIP-ANT / AudioCLIP keep CLIP's
+    # space); their widths must equal embed_dim.
+    pivot: bool = False
     embed_dim: int = 512
     # Temperature: learnable log-scale, init ln(1/0.07), clamped to ln(max_logit_scale) in forward.
     init_logit_scale: float = 14.285714285714286
@@ -218,6 +234,10 @@ class ModelConfig:
     def validate(self, path: str) -> None:
         _choice(f"{path}.audio.fusion", self.audio.fusion, ("none", "aff", "daf", "iaff"))
         _choice(f"{path}.audio.attention", self.audio.attention, ("eager", "sdpa"))
+        _choice(f"{path}.image.name", self.image.name, ("", "clip"))
+        _choice(f"{path}.image.size", self.image.size, ("b32", "tiny"))
+        if self.pivot and not self.image.name:
+            raise ConfigError(f"{path}.pivot=true needs an image tower: set {path}.image.name=clip")
         _positive(f"{path}.embed_dim", self.embed_dim)
         _positive(f"{path}.text.max_length", self.text.max_length)
         if not 0 < self.init_logit_scale <= self.max_logit_scale:
@@ -414,7 +434,23 @@ class Config:
                 f"bins), got time_mask_frames={self.augment.time_mask_frames}, "
                 f"freq_mask_bins={self.augment.freq_mask_bins}"
             )
+        self._validate_modalities()
         return self
+
+    def _validate_modalities(self) -> None:
+        """An image tower, image batches and the pairwise loss go together (AudioCLIP / VIP-ANT)."""
+        uses_image = any("image" in p for p in self.loss.pair_weights()) and self.loss.kind == "pairwise"
+        if uses_image and not self.model.image.name:
+            raise ConfigError("loss.weight_audio_image / weight_image_text need an image tower: set model.image.name=clip")
+        if self.model.image.name and self.loss.kind != "pairwise":
+            raise ConfigError(
+                f"model.image.name={self.model.image.name!r} trains with the pairwise loss: set loss.kind=pairwise "
+                "and give loss.weight_audio_image / weight_image_text"
+            )
+        if self.model.image.name and not self.data.image_size:
+            raise ConfigError(f"model.image.name={self.model.image.name!r} needs data.image_size (224 for CLIP ViT-B/32)")
+        if self.loss.kind == "pairwise" and self.train.grad_accum > 1:
+            raise ConfigError("loss.kind=pairwise does not support train.grad_accum > 1 yet: use train.grad_accum=1")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

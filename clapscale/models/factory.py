@@ -68,6 +68,8 @@ def build_model(cfg: Config) -> ClapModel:
     ``cfg.audio`` (mel bins and frames the audio tower must accept). Bad fields raise ``ConfigError``
     naming them; nothing is downloaded."""
     m = cfg.model
+    if m.image.name:
+        return build_trimodal(cfg)
     return ClapModel(
         build_audio_tower(m, cfg.audio),
         build_text_tower(m.text),
@@ -76,6 +78,34 @@ def build_model(cfg: Config) -> ClapModel:
         max_logit_scale=m.max_logit_scale,
         freeze_audio=m.audio.frozen,
         freeze_text=m.text.frozen,
+    )
+
+
+def build_trimodal(cfg: Config) -> ClapModel:
+    """``TriModalClap`` when ``model.image.name`` is set: the image tower at ``data.image_size``."""
+    from clapscale.models.image import ClipImageTower
+    from clapscale.models.trimodal import TriModalClap
+
+    m = cfg.model
+    if not cfg.data.image_size:
+        raise ConfigError(
+            f"model.image.name={m.image.name!r} needs images in the batches: set data.image_size "
+            "(224 for CLIP ViT-B/32)"
+        )
+    image = ClipImageTower(m.image.size, cfg.data.image_size, m.embed_dim)
+    if m.image.path:
+        image.load_pretrained(m.image.path)
+    return TriModalClap(
+        build_audio_tower(m, cfg.audio),
+        build_text_tower(m.text),
+        image,
+        embed_dim=m.embed_dim,
+        init_logit_scale=m.init_logit_scale,
+        max_logit_scale=m.max_logit_scale,
+        freeze_audio=m.audio.frozen,
+        freeze_text=m.text.frozen,
+        freeze_image=m.image.frozen,
+        pivot=m.pivot,
     )
 
 

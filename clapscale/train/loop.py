@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from clapscale.config import Config
-from clapscale.losses import DuplicateAwareClipLoss, SoftLabelClipLoss, build_loss, caption_groups
+from clapscale.losses import DuplicateAwareClipLoss, PairwiseInfoNCE, SoftLabelClipLoss, build_loss, caption_groups
 from clapscale.train import engine as engines
 from clapscale.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from clapscale.train.distributed import DistEnv, device_for, discover, init_process_group
@@ -105,6 +105,8 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss, rank=denv.rank, world_size=denv.world_size)
         soft_teacher = isinstance(self.loss_fn, SoftLabelClipLoss) and cfg.loss.teacher
         self.teacher = load_teacher(cfg, self.device) if soft_teacher else None
+        # A waveform tower (ESResNeXt) makes its own spectrogram: it gets the loader's clips, not mels.
+        self.waveform_input = getattr(model.audio_tower, "input_kind", "mel") == "waveform"
         self.engine = engines.build_engine(model, cfg, denv.world_size, self.device)
         self.dtype = engines.compute_dtype(cfg)
         # Different dropout masks on different ranks.
@@ -151,15 +153,23 @@ class Trainer:
             mel, is_longer = self.frontend(on_device)
             if augment is not None:
                 mel = augment_mel(mel, self.cfg.augment, augment)
-        return {
+        if self.waveform_input:
+            mel = on_device["waveform"].unsqueeze(1)  # (B, 1, N): the front end above checked N
+        inputs = {
             "mel": mel,
             "is_longer": is_longer,
             "input_ids": on_device["input_ids"],
             "attention_mask": on_device["attention_mask"],
         }
+        if "image" in on_device:
+            inputs["image"] = on_device["image"]
+        return inputs
 
     def _forward(self, inputs: dict[str, torch.Tensor]) -> Features:
-        return self.engine(inputs["mel"].to(self.dtype), inputs["is_longer"], inputs["input_ids"], inputs["attention_mask"])
+        args = (inputs["mel"].to(self.dtype), inputs["is_longer"], inputs["input_ids"], inputs["attention_mask"])
+        if "image" in inputs:
+            return self.engine(*args, inputs["image"].to(self.dtype))
+        return self.engine(*args)
 
     def _loss(self, audio: torch.Tensor, text: torch.Tensor, scale: torch.Tensor,
               teacher: tuple[torch.Tensor, torch.Tensor] | None, captions: list[str]) -> torch.Tensor:
@@ -170,6 +180,16 @@ class Trainer:
         if isinstance(self.loss_fn, DuplicateAwareClipLoss):
             return self.loss_fn(audio, text, scale, caption_groups(captions).to(audio.device))
         return self.loss_fn(audio, text, scale)
+
+    def _pairwise_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:
+        """AudioCLIP / VIP-ANT: one batch of (audio, image, text), the weighted pairwise InfoNCE."""
+        feats, scales = self._forward(micro[0])
+        loss = self.loss_fn({k: v.float() for k, v in feats.items()}, {k: v.float() for k, v in scales.items()})
+        if not self._all_finite(loss):
+            return loss.detach(), False
+        self.engine.backward(loss)
+        self._engine_step()
+        return loss.detach(), True
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0], device=self.device)
@@ -185,6 +205,8 @@ class Trainer:
         micro = [self._prepare(b, g) for b in batches]
         teacher = teacher_features(self.teacher, micro) if self.teacher is not None else None
         captions = [c for b in batches for c in b.get("texts", ())]  # in the loss's row order
+        if isinstance(self.loss_fn, PairwiseInfoNCE):
+            return self._pairwise_step(micro)
         if len(micro) == 1:
             audio, text, scale = self._forward(micro[0])
             loss = self._loss(audio.float(), text.float(), scale.float(), teacher, captions)
