@@ -376,11 +376,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # Tasks run by `clapscale eval` defaults and periodically in training: retrieval | zeroshot | linear_probe.
+    # Tasks run by `clapscale eval` defaults and periodically in training: retrieval | zeroshot | linear_probe
+    # | image_retrieval (audio<->image, tri-modal models).
     tasks: list[str] = field(default_factory=lambda: ["retrieval", "zeroshot"])
     # Shard spec per task; empty = data.val.
     retrieval: str = ""
     zeroshot: str = ""
+    image_retrieval: str = ""  # audio<->image, tri-modal models (model.image.name) only
     # Zero-shot prompts; "{label}" is replaced by the label with underscores read as spaces.
     # Several templates: the label embedding is the normalised mean of its prompts (ensembling).
     templates: list[str] = field(default_factory=lambda: ["This is a sound of {label}."])
@@ -398,7 +400,7 @@ class EvalConfig:
 
     def validate(self, path: str) -> None:
         for t in self.tasks:
-            _choice(f"{path}.tasks[]", t, ("retrieval", "zeroshot", "linear_probe"))
+            _choice(f"{path}.tasks[]", t, ("retrieval", "zeroshot", "linear_probe", "image_retrieval"))
         _positive(f"{path}.batch_size", self.batch_size)
         _positive(f"{path}.linear_probe_weight_decay", self.linear_probe_weight_decay)
         if self.max_clips < 0:
@@ -449,6 +451,9 @@ class Config:
             )
         if self.model.image.name and not self.data.image_size:
             raise ConfigError(f"model.image.name={self.model.image.name!r} needs data.image_size (224 for CLIP ViT-B/32)")
+        if "image_retrieval" in self.eval.tasks and not self.model.image.name:
+            raise ConfigError("eval.tasks has image_retrieval (audio<->image) but the model has no image tower "
+                              "(model.image.name is empty)")
         if self.loss.kind == "pairwise" and self.train.grad_accum > 1:
             raise ConfigError("loss.kind=pairwise does not support train.grad_accum > 1 yet: use train.grad_accum=1")
 

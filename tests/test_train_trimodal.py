@@ -80,7 +80,7 @@ def test_audioclip_trimodal_trains_on_two_ranks(picture_shards, tmp_path):
 @pytest.mark.slow
 def test_vipant_bi_bi_modal_trains_audio_only_through_the_frozen_pivot(picture_shards, tmp_path):
     _ok(_train(2, _args(picture_shards, tmp_path, "vipant", "model.embed_dim=384", "model.pivot=true",
-                        "model.image.frozen=true", "model.text.frozen=true",
+                        "model.image.frozen=true", "model.text.frozen=true", "eval.tasks=[retrieval, zeroshot, image_retrieval]",
                         "loss.weight_audio_text=0", "loss.weight_audio_image=1", "loss.weight_image_text=1"),
                 timeout=400))
     run = tmp_path / "vipant"
@@ -95,3 +95,4 @@ def test_vipant_bi_bi_modal_trains_audio_only_through_the_frozen_pivot(picture_s
     evals = [r["eval"] for r in _records(run) if "eval" in r]
     assert len(evals) == 1
     assert "zeroshot/top1" in evals[0] and "retrieval/a2t/R@1" in evals[0]
+    assert "image_retrieval/a2i/R@1" in evals[0] and "image_retrieval/i2a/R@1" in evals[0]

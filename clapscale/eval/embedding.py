@@ -37,6 +37,7 @@ class EmbeddedSplit:
     keys: list[str]
     texts: list[list[str]]
     tags: list[list[str]]
+    images: Tensor | None = None  # (A, D) picture embeddings of a tri-modal model (``with_images``)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:
@@ -88,6 +89,7 @@ def embed_split(
     device: torch.device | str,
     with_captions: bool,
     max_clips: int = 0,
+    with_images: bool = False,
 ) -> EmbeddedSplit:
     """Embed this rank's batches, gather across ranks, sort by key.
 
@@ -98,6 +100,8 @@ def embed_split(
         tokenizer: required when ``with_captions``.
         batches: this rank's loader (keys ``waveform``/``mel``, ``is_longer``, ``keys``,
             ``all_texts``, ``tags``, ...).
+        with_images: also embed each clip's picture (batch key ``image``) with ``model.encode_image``
+            (a ``TriModalClap``), into ``images``.
         max_clips: keep only the ``max_clips`` clips with the smallest keys of the gathered split
             (0 = all). It does not shorten the loop: to bound the cost, give a loader over fewer
             shards (``clapscale.eval.runner`` does, see ``limit_spec``).
@@ -108,8 +112,10 @@ def embed_split(
     """
     if with_captions and tokenizer is None:
         raise ValueError("embedding captions needs a tokenizer")
+    if with_images and not hasattr(model, "encode_image"):
+        raise ValueError("audio<->image evaluation needs a model with an image tower (model.image.name)")
     dtype = model_dtype(model)
-    audio, texts_emb = [], []
+    audio, texts_emb, images = [], [], []
     keys: list[str] = []
     texts: list[list[str]] = []
     tags: list[list[str]] = []
@@ -125,6 +131,9 @@ def embed_split(
         d = model.encode_audio(mel, longer).shape[1]
         if encode_text is not None:
             encode_text(["."])
+        if with_images:
+            size = model.image_tower.image_size
+            model.encode_image(torch.zeros(1, 3, size, size, device=device, dtype=dtype))
         return d
 
     steps = lockstep(batches, world_size, device)
@@ -137,6 +146,8 @@ def embed_split(
                 empty = [k for k, clip in zip(batch["keys"], batch.get("all_texts", [[]] * n)) if not clip]
                 if empty:
                     problem = f"clips without captions cannot be evaluated for retrieval: {empty[:5]}"
+            if batch is not None and with_images and "image" not in batch:
+                problem = "audio<->image evaluation needs batches with pictures: set data.image_size"
             if batch is None or problem is not None:
                 # Checked before any forward, and a bad batch still makes this step's forwards, so
                 # the ranks stay paired under ZeRO-3 up to the step where they all raise.
@@ -153,6 +164,8 @@ def embed_split(
             tags += [list(t) for t in batch.get("tags", [[]] * n)]
             if encode_text is not None:
                 texts_emb.append(encode_text([c for clip in clip_texts for c in clip]))
+            if with_images:
+                images.append(model.encode_image(batch["image"].to(device=device, dtype=dtype)).float())
 
     if audio:
         dim = audio[0].shape[1]
@@ -163,6 +176,9 @@ def embed_split(
     local_caps = torch.cat(texts_emb) if texts_emb else torch.zeros(0, dim, device=device)
     all_audio = gather_rows(local_audio.to(device), world_size).cpu()
     all_caps = gather_rows(local_caps.to(device), world_size).cpu()
+    if with_images:
+        local_images = torch.cat(images) if images else torch.zeros(0, dim, device=device)
+        all_images = gather_rows(local_images.to(device), world_size).cpu()
     meta = gather_objects((keys, texts, tags), world_size)
     keys = [k for m in meta for k in m[0]]
     texts = [t for m in meta for t in m[1]]
@@ -191,5 +207,6 @@ def embed_split(
         keys=[keys[i] for i in order],
         texts=[texts[i] for i in order],
         tags=[tags[i] for i in order],
+        images=(all_images[order] if order else all_images) if with_images else None,
     )
 

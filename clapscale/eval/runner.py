@@ -25,7 +25,7 @@ from clapscale.eval.metrics import (
 )
 from clapscale.eval.zeroshot import NoLabelsError, encode_labels, targets_from_tags, zeroshot_result, zeroshot_scores
 
-TASKS = ("retrieval", "zeroshot", "linear_probe")
+TASKS = ("retrieval", "zeroshot", "linear_probe", "image_retrieval")
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def evaluate_tasks(
         cache: dict[str, EmbeddedSplit] = {}
         skip_log: dict[str, dict[str, int]] = {}
         caption_specs = {specs["retrieval"]} if "retrieval" in tasks else set()
+        image_specs = {specs["image_retrieval"]} if "image_retrieval" in tasks else set()
 
         def split(spec: str) -> EmbeddedSplit:
             # Each spec is embedded once; captions only where retrieval needs them.
@@ -159,7 +160,7 @@ def evaluate_tasks(
                 try:
                     cache[spec] = embed_split(
                         clap, frontend, tokenizer, loader, world_size=world_size, device=device,
-                        with_captions=spec in caption_specs, max_clips=max_clips,
+                        with_captions=spec in caption_specs, max_clips=max_clips, with_images=spec in image_specs,
                     )
                 except EmptySplitError as e:  # raised on every rank alike, so the gather below pairs up
                     error = e
@@ -175,6 +176,8 @@ def evaluate_tasks(
         def run(task: str, spec: str) -> TaskResult:
             if task == "retrieval":
                 return retrieval_task(split(spec), spec)
+            if task == "image_retrieval":
+                return image_retrieval_task(split(spec), spec)
             if task == "zeroshot":
                 return zeroshot_task(split(spec), spec, labels, encode_texts, cfg.eval.templates)
             return _linear_probe(split(cfg.eval.linear_probe_train), split(spec), labels, cfg, spec)
@@ -204,6 +207,19 @@ def retrieval_task(es: EmbeddedSplit, spec: str) -> TaskResult:
         "retrieval", spec, retrieval_metrics(es.audio @ es.captions.T, es.caption_to_audio),
         retrieval_chance(es.caption_to_audio),
         {"clips": len(es.keys), "captions": int(es.captions.shape[0])},
+    )
+
+
+def image_retrieval_task(es: EmbeddedSplit, spec: str) -> TaskResult:
+    """Audio<->image retrieval of a tri-modal model: each clip's own picture is its one relevant item.
+    Keys ``i2a/...`` (picture queries, clips ranked) and ``a2i/...`` (clip queries, pictures ranked)."""
+    def rename(metrics: dict[str, float]) -> dict[str, float]:
+        return {k.replace("t2a/", "i2a/").replace("a2t/", "a2i/"): v for k, v in metrics.items()}
+
+    owner = torch.arange(len(es.keys))
+    return TaskResult(
+        "image_retrieval", spec, rename(retrieval_metrics(es.audio @ es.images.T, owner)),
+        rename(retrieval_chance(owner)), {"clips": len(es.keys)},
     )
 
 

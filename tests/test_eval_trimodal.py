@@ -1,0 +1,93 @@
+"""Evaluation of a tri-modal model: audio<->image retrieval against a direct computation, zero-shot
+audio -> text through the pivot, and the config refusals that keep modalities consistent."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clapscale.config import ConfigError, load_config
+from test_train_runs import REPO, _env
+
+TINY = ["model.audio.name=cnn", "model.audio.size=tiny", "model.text.name=minilm", "model.image.name=clip",
+        "model.image.size=tiny", "data.image_size=32", "model.embed_dim=384", "model.pivot=true",
+        "loss.kind=pairwise", "loss.weight_audio_text=0", "loss.weight_audio_image=1", "loss.weight_image_text=1",
+        "audio.length_policy=repeatpad"]
+
+
+@pytest.fixture(scope="module")
+def val_spec(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pictures")
+    subprocess.run([sys.executable, "tools/make_shards.py", "--synthetic", "120", "--synthetic-images", "--out",
+                    str(out), "--quiet"], cwd=REPO, env=_env(PYTHONPATH=str(REPO)), check=True, timeout=120)
+    return f"{out}/valid/000000.tar"
+
+
+def test_image_retrieval_and_pivot_zeroshot_match_a_direct_computation(val_spec):
+    from clapscale.data import build_loader
+    from clapscale.eval.runner import evaluate_tasks
+    from clapscale.features import AudioFrontend
+    from clapscale.models import build_model, build_tokenizer
+
+    cfg = load_config(None, [*TINY, f"data.val={val_spec}", "eval.batch_size=5"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    results = {r.task: r for r in evaluate_tasks(model, cfg, rank=0, world_size=1, device="cpu",
+                                                 tasks=["image_retrieval", "zeroshot"])}
+
+    # Direct: every clip's audio against every clip's picture, one batch at a time, no eval code.
+    frontend = AudioFrontend(cfg.audio)
+    audio, images, keys, tags = [], [], [], []
+    with torch.no_grad():
+        for batch in build_loader(cfg, val_spec, train=False):
+            mel, longer = frontend(batch)
+            audio.append(model.encode_audio(mel, longer))
+            images.append(model.encode_image(batch["image"]))
+            keys += batch["keys"]
+            tags += batch["tags"]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    a, v = torch.cat(audio)[order], torch.cat(images)[order]
+    sim = a @ v.T
+    n = len(keys)
+    a2i_r1 = 100.0 * (sim.argmax(dim=1) == torch.arange(n)).float().mean().item()
+    i2a_r1 = 100.0 * (sim.argmax(dim=0) == torch.arange(n)).float().mean().item()
+    m = results["image_retrieval"].metrics
+    assert m["a2i/R@1"] == pytest.approx(a2i_r1) and m["i2a/R@1"] == pytest.approx(i2a_r1)
+    assert results["image_retrieval"].chance["a2i/R@1"] == pytest.approx(100.0 / n)
+
+    # Zero-shot through the pivot: audio against the frozen text tower's prompt embeddings.
+    labels = sorted({t for clip in tags for t in clip})
+    tok = build_tokenizer(cfg.model.text)
+    with torch.no_grad():
+        prompts = tok([f"This is a sound of {label}." for label in labels])
+        text = model.encode_text(prompts["input_ids"], prompts["attention_mask"])
+    pred = (a @ text.T).argmax(dim=1)
+    # Multi-label clips: top-1 counts the best label being any of the clip's tags.
+    top1 = 100.0 * sum(labels[int(p)] in tags[i] for p, i in zip(pred, order)) / n
+    assert results["zeroshot"].metrics["top1"] == pytest.approx(top1)
+
+
+def test_modalities_must_agree_in_the_config():
+    with pytest.raises(ConfigError, match="need an image tower"):
+        load_config(None, ["loss.kind=pairwise", "loss.weight_audio_image=1"])
+    with pytest.raises(ConfigError, match="trains with the pairwise loss"):
+        load_config(None, ["model.image.name=clip", "data.image_size=224"])
+    with pytest.raises(ConfigError, match="needs data.image_size"):
+        load_config(None, ["model.image.name=clip", "loss.kind=pairwise", "loss.weight_audio_image=1"])
+    with pytest.raises(ConfigError, match="image_retrieval"):
+        load_config(None, ["eval.tasks=[retrieval, image_retrieval]"])
+    with pytest.raises(ConfigError, match="pivot=true needs an image tower"):
+        load_config(None, ["model.pivot=true"])
+    with pytest.raises(ConfigError, match=r"grad_accum > 1"):
+        load_config(None, [*TINY, "train.grad_accum=2"])
+
+
+def test_pivot_needs_tower_widths_equal_to_embed_dim():
+    from clapscale.models import build_model
+
+    cfg = load_config(None, [*TINY, "model.embed_dim=512"])
+    with pytest.raises(ConfigError, match=r"own 384-d embedding .* set model.embed_dim=384"):
+        build_model(cfg)
