@@ -224,3 +224,18 @@ class AudioFrontend(nn.Module):
         if mel.shape[0] != self.n_frames:
             raise ValueError(f"expected a {self.n_frames}-frame mel for a clip, got {mel.shape[0]} frames")
         return mel
+
+
+def tower_input(frontend: AudioFrontend, batch: dict, input_kind: str) -> tuple[Tensor, Tensor]:
+    """What an audio tower reads from a loader batch: ``(mel (B, C, T, M), is_longer)`` from the front
+    end, or for a waveform tower (``input_kind == "waveform"``, ESResNeXt) the clips themselves as
+    ``(B, 1, N)`` float32 after the same length checks. Waveform towers need the loader's waveforms
+    (the DALI loader hands over mels only)."""
+    mel, is_longer = frontend(batch)
+    if input_kind != "waveform":
+        return mel, is_longer
+    if "waveform" not in batch:
+        raise ValueError("a waveform audio tower (ESResNeXt) needs the clips' samples; this batch holds mels "
+                         "(data.backend=dali): use data.backend=wds")
+    return batch["waveform"].to(device=mel.device, dtype=torch.float32).unsqueeze(1), is_longer
+

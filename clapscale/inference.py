@@ -29,7 +29,7 @@ from clapscale.data.policies import apply_length_policy
 from clapscale.errors import UserError
 from clapscale.eval.embedding import make_text_encoder, model_dtype
 from clapscale.eval.zeroshot import DEFAULT_TEMPLATES, check_labels, encode_labels
-from clapscale.features import AudioFrontend
+from clapscale.features import AudioFrontend, tower_input
 from clapscale.models.loading import load_trained_model
 from clapscale.shards.audio_io import (
     MAX_CHANNELS,
@@ -177,7 +177,8 @@ class Clap:
         pending: list[tuple[int, np.ndarray]] = []
 
         def flush() -> None:
-            mel, longer = self.frontend(self._batch([w for _, w in pending]))
+            mel, longer = tower_input(self.frontend, self._batch([w for _, w in pending]),
+                                      self.model.audio_tower.input_kind)
             out[[i for i, _ in pending]] = self.model.encode_audio(mel.to(dtype), longer).float().cpu()
             pending.clear()
 

@@ -91,3 +91,30 @@ def test_pivot_needs_tower_widths_equal_to_embed_dim():
     cfg = load_config(None, [*TINY, "model.embed_dim=512"])
     with pytest.raises(ConfigError, match=r"own 384-d embedding .* set model.embed_dim=384"):
         build_model(cfg)
+
+
+def test_waveform_tower_is_evaluated_on_the_clips_samples(val_spec):
+    """ESResNeXt reads the waveform: the evaluation (and trainer / inference, via the same
+    ``tower_input``) hands it (B, 1, N) clips; a mel-only (DALI) batch is refused with a clear error."""
+    from clapscale.eval.runner import evaluate_tasks
+    from clapscale.features import AudioFrontend, tower_input
+    from clapscale.models import build_model
+
+    cfg = load_config(None, ["model.audio.name=esresnext", "model.audio.size=50", "model.text.name=minilm",
+                             "audio.clip_seconds=0.25", "audio.length_policy=repeatpad", f"data.val={val_spec}",
+                             "eval.batch_size=8", "eval.max_clips=8"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    (result,) = evaluate_tasks(model, cfg, rank=0, world_size=1, device="cpu", tasks=["retrieval"])
+    assert result.info["clips"] == 8 and 0.0 <= result.metrics["t2a/R@1"] <= 100.0
+
+    frontend = AudioFrontend(cfg.audio)
+    wave = torch.randn(2, cfg.audio.clip_samples)
+    batch = {"waveform": wave, "is_longer": torch.zeros(2, dtype=torch.bool)}
+    x, _ = tower_input(frontend, batch, "waveform")
+    assert torch.equal(x, wave.unsqueeze(1))
+    mel, _ = frontend(batch)
+    dali_batch = {"mel": mel[:, 0], "is_longer": batch["is_longer"]}
+    with pytest.raises(ValueError, match="data.backend=wds"):
+        tower_input(frontend, dali_batch, "waveform")
+

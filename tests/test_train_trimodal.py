@@ -1,7 +1,8 @@
 """Tri-modal (AudioCLIP) and bi-bi-modal (VIP-ANT) training: 2 gloo ranks under torchrun and DeepSpeed
 on synthetic shards with rendered pictures, bounded, with the trainer's own evaluation at the end.
 
-- AudioCLIP: all three pairs trained, every tower moves.
+- AudioCLIP: all three pairs trained, every tower moves (a CPU-sized audio tower: ESResNeXt on two
+  ranks does not fit this shared machine's memory; its eval path is tested in test_eval_trimodal.py).
 - VIP-ANT: (audio, image) + (image, text) with the image and text towers frozen and no projection on
   them (the pivot): the exported model's image and text towers equal their initial weights, the audio
   tower moved, and zero-shot / retrieval (audio -> text through the pivot) run in evaluation.
@@ -96,3 +97,14 @@ def test_vipant_bi_bi_modal_trains_audio_only_through_the_frozen_pivot(picture_s
     assert len(evals) == 1
     assert "zeroshot/top1" in evals[0] and "retrieval/a2t/R@1" in evals[0]
     assert "image_retrieval/a2i/R@1" in evals[0] and "image_retrieval/i2a/R@1" in evals[0]
+
+    # Inference loads the exported tri-modal model and classifies audio through the pivot.
+    import numpy as np
+
+    from clapscale.inference import load
+
+    clap = load(run / "model", device="cpu")
+    tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(48000) / 48000)).astype(np.float32)
+    probs = clap.zero_shot(tone, ["low tone", "white noise"], sample_rate=48000)
+    assert probs.shape == (1, 2) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert clap.embed_audio(tone, sample_rate=48000).shape == (1, 384)

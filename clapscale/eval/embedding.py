@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from clapscale.errors import UserError
+from clapscale.features import tower_input
 from clapscale.eval.gather import gather_objects, gather_rows, lockstep
 
 
@@ -127,7 +128,11 @@ def embed_split(
     def dummy_step() -> int:
         # One throw-away forward of each tower keeps ZeRO-3's parameter all-gathers paired across
         # ranks on a step where this rank has no (usable) batch.
-        mel, longer = _dummy_audio(frontend.channels, frontend.n_frames, frontend.cfg.n_mels, device, dtype)
+        if model.audio_tower.input_kind == "waveform":
+            mel = torch.zeros(1, 1, frontend.cfg.clip_samples, device=device, dtype=dtype)
+            longer = torch.zeros(1, dtype=torch.bool, device=device)
+        else:
+            mel, longer = _dummy_audio(frontend.channels, frontend.n_frames, frontend.cfg.n_mels, device, dtype)
         d = model.encode_audio(mel, longer).shape[1]
         if encode_text is not None:
             encode_text(["."])
@@ -155,7 +160,7 @@ def embed_split(
                 if problem is not None:
                     raise ValueError(problem)
                 continue
-            mel, longer = frontend(batch)
+            mel, longer = tower_input(frontend, batch, model.audio_tower.input_kind)
             audio.append(model.encode_audio(mel.to(dtype), longer).float())
             keys += [str(k) for k in batch["keys"]]
             n = len(batch["keys"])

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from clapscale.config import Config
+from clapscale.config import Config, ConfigError
+from clapscale.features import tower_input
 from clapscale.losses import DuplicateAwareClipLoss, PairwiseInfoNCE, SoftLabelClipLoss, build_loss, caption_groups
 from clapscale.train import engine as engines
 from clapscale.train.checkpoint import CheckpointManager, capture_rng, restore_rng
@@ -106,7 +107,12 @@ class Trainer:
         soft_teacher = isinstance(self.loss_fn, SoftLabelClipLoss) and cfg.loss.teacher
         self.teacher = load_teacher(cfg, self.device) if soft_teacher else None
         # A waveform tower (ESResNeXt) makes its own spectrogram: it gets the loader's clips, not mels.
-        self.waveform_input = getattr(model.audio_tower, "input_kind", "mel") == "waveform"
+        self.audio_input = model.audio_tower.input_kind
+        if self.audio_input == "waveform" and cfg.augment.enabled:
+            raise ConfigError(
+                f"augment.enabled=true masks log-mels, but model.audio.name={cfg.model.audio.name!r} reads the "
+                "waveform: set augment.enabled=false"
+            )
         self.engine = engines.build_engine(model, cfg, denv.world_size, self.device)
         self.dtype = engines.compute_dtype(cfg)
         # Different dropout masks on different ranks.
@@ -150,11 +156,9 @@ class Trainer:
     def _prepare(self, batch: dict[str, Any], augment: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         on_device = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         with torch.no_grad():
-            mel, is_longer = self.frontend(on_device)
+            mel, is_longer = tower_input(self.frontend, on_device, self.audio_input)
             if augment is not None:
                 mel = augment_mel(mel, self.cfg.augment, augment)
-        if self.waveform_input:
-            mel = on_device["waveform"].unsqueeze(1)  # (B, 1, N): the front end above checked N
         inputs = {
             "mel": mel,
             "is_longer": is_longer,
