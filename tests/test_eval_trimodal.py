@@ -118,3 +118,25 @@ def test_waveform_tower_is_evaluated_on_the_clips_samples(val_spec):
     with pytest.raises(ValueError, match="data.backend=wds"):
         tower_input(frontend, dali_batch, "waveform")
 
+
+
+def test_clip_image_tower_loads_a_clip_checkpoints_visual_tensors(tmp_path):
+    """``model.image.path``: the ``visual.*`` tensors of a CLIP checkpoint (open_clip layout) initialise
+    the tower exactly; a checkpoint for another image size is refused naming the mismatch."""
+    from clapscale.models.checkpoint import CheckpointMismatchError
+    from clapscale.models.image import ClipImageTower
+
+    torch.manual_seed(1)
+    source = ClipImageTower("tiny", image_size=32, embed_dim=64)
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": {f"module.visual.{k}": v for k, v in source.vit.state_dict().items()}
+                | {"module.logit_scale": torch.tensor(4.6)}}, path)
+    torch.manual_seed(2)
+    tower = ClipImageTower("tiny", image_size=32, embed_dim=64)
+    tower.load_pretrained(str(path))
+    for name, value in source.vit.state_dict().items():
+        torch.testing.assert_close(tower.vit.state_dict()[name], value, msg=name)
+    image = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(tower(image), source(image))
+    with pytest.raises(CheckpointMismatchError, match="positional_embedding"):
+        ClipImageTower("tiny", image_size=64, embed_dim=64).load_pretrained(str(path))
