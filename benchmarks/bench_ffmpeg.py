@@ -2,6 +2,13 @@
 
     LD_LIBRARY_PATH=... PYTHONPATH=. python benchmarks/bench_ffmpeg.py --ffmpeg /path/to/ffmpeg --src DIR
 
+Debian's ffmpeg without installing it (benchmark only; nothing else in the project uses ffmpeg):
+    mkdir -p /tmp/ffmpeg && cd /tmp/ffmpeg
+    apt-get download $(apt-get -s install ffmpeg | awk '/^Inst/{print $2}')
+    for d in *.deb; do dpkg-deb -x $d root; done
+    L=/tmp/ffmpeg/root/usr/lib/x86_64-linux-gnu; export LD_LIBRARY_PATH=$L:$L/blas:$L/lapack:$L/pulseaudio
+    # then --ffmpeg /tmp/ffmpeg/root/usr/bin/ffmpeg
+
 Speed: every audio file under ``--src`` is converted to 48 kHz mono FLAC twice, alternating: by our
 per-clip DSP in-process (``iter_audio`` -> ``encode_flac_stream``: decode, downmix, resample, 16-bit
 FLAC; what ``make_shards`` runs per clip, without its tar writing and checks) and by one ffmpeg
