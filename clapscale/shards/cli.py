@@ -23,6 +23,7 @@ examples:
   make_shards.py --from-dir /usr/share/games/wesnoth/1.16/data/core/sounds --out shards/wesnoth
   make_shards.py --from-manifest clips.csv --root /data/audio --out shards/mine
   make_shards.py --preset esc50 ~/datasets/ESC-50-master --out shards/esc50
+  make_shards.py --preset audioset ~/audioset --out shards/audioset --exclude-ytids audiocaps/test.csv
   make_shards.py --from-dir raw/ --out shards/train --exclude shards/esc50 shards/clotho
   make_shards.py --verify shards/demo
   make_shards.py index ~/laion/clotho        (DALI indexes for shards made elsewhere; see `index --help`)
@@ -68,11 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-timeout", type=float, default=DEFAULT_CLIP_TIMEOUT, metavar="SECONDS",
                    help=f"reject a clip whose decoding takes longer (default {DEFAULT_CLIP_TIMEOUT:g}; 0: no limit; "
                         "not applied with --workers 0)")
+    p.add_argument("--drop-mids", metavar="MID[,MID...]",
+                   help="--preset audioset: remove these labels from every clip (e.g. /m/09x0r,/m/04rlf for speech, "
+                        "music); clips left without labels are rejected as all_labels_dropped")
+    p.add_argument("--exclude-ytids", type=Path, metavar="FILE",
+                   help="--preset audioset: reject clips with these YouTube ids (one a line, or a CSV with a "
+                        "youtube_id column such as AudioCaps' test.csv) as excluded_ytid")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def _items(args: argparse.Namespace) -> list[sources.Item]:
+    if (args.drop_mids or args.exclude_ytids is not None) and args.preset is None:
+        raise sources.SourceError("--drop-mids and --exclude-ytids apply to --preset audioset only")
     if args.from_dir is not None:
         items = sources.from_dir(args.from_dir, args.split)
     elif args.from_manifest is not None:
@@ -80,7 +89,12 @@ def _items(args: argparse.Namespace) -> list[sources.Item]:
     elif args.synthetic is not None:
         items = sources.from_synthetic(args.synthetic, args.seed, images=args.synthetic_images)
     else:
-        items = sources.from_preset(args.preset[0], Path(args.preset[1]))
+        options: dict[str, object] = {}
+        if args.drop_mids:
+            options["drop_mids"] = [m.strip() for m in args.drop_mids.split(",") if m.strip()]
+        if args.exclude_ytids is not None:
+            options["exclude_ytids"] = sources.read_ytid_list(args.exclude_ytids)
+        items = sources.from_preset(args.preset[0], Path(args.preset[1]), **options)
     sources.assign_keys(items)
     return items
 

@@ -23,7 +23,7 @@ from clapscale.shards import synthetic
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".caf", ".w64", ".rf64"}
 )
-PRESETS = ("esc50", "us8k", "clotho", "audiocaps")
+PRESETS = ("esc50", "us8k", "clotho", "audiocaps", "audioset")
 
 
 class SourceError(ValueError):
@@ -383,6 +383,33 @@ def preset_clotho(root: Path) -> list[Item]:
 _AUDIOCAPS_SPLITS = (("train", "train"), ("val", "valid"), ("test", "test"))
 
 
+def audio_files_by_stem(root: Path) -> dict[str, Path]:
+    """Every audio file anywhere under ``root`` by file stem (the first in sorted walk order wins)."""
+    by_stem: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if p.suffix.lower() in AUDIO_EXTENSIONS:
+                by_stem.setdefault(p.stem, p)
+    return by_stem
+
+
+def youtube_clip_stems(yid: str, start: str, end: float) -> list[str]:
+    """File stems the usual AudioSet / AudioCaps download scripts give a YouTube segment:
+    ``<id>``, ``<id>_<start>``, ``<id>_<start>.000_<end>.000``, ``<id>_<start>_<end>`` (s or ms)."""
+    start_f = float(start) if start else 0.0
+    return list(dict.fromkeys([
+        yid, f"{yid}_{int(start_f)}", f"{yid}_{start}", f"{yid}_{start_f:.3f}_{end:.3f}",
+        f"{yid}_{int(start_f)}_{int(end)}", f"{yid}_{int(start_f * 1000)}_{int(end * 1000)}",
+    ]))
+
+
+def find_youtube_clip(by_stem: dict[str, Path], names: list[str]) -> Path | None:
+    """The first of ``names`` (each also with AudioSet's ``Y`` prefix) that is a file stem under the root."""
+    return next((by_stem[n] for n in names + ["Y" + n for n in names] if n in by_stem), None)
+
+
 def preset_audiocaps(root: Path) -> list[Item]:
     """AudioCaps (``train.csv`` / ``val.csv`` / ``test.csv``: audiocap_id, youtube_id, start_time,
     caption). AudioCaps ships no audio: files are found anywhere under ``root`` by stem
@@ -391,13 +418,7 @@ def preset_audiocaps(root: Path) -> list[Item]:
     root = Path(root)
     if not any((root / f"{p}.csv").exists() for p, _ in _AUDIOCAPS_SPLITS):
         raise SourceError(f"preset audiocaps: none of train.csv, val.csv, test.csv in {root}")
-    by_stem: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if p.suffix.lower() in AUDIO_EXTENSIONS:
-                by_stem.setdefault(p.stem, p)
+    by_stem = audio_files_by_stem(root)
     out = []
     for part, split in _AUDIOCAPS_SPLITS:
         cap_csv = root / f"{part}.csv"
@@ -408,8 +429,8 @@ def preset_audiocaps(root: Path) -> list[Item]:
             groups.setdefault((r["youtube_id"], r["start_time"]), []).append(r)
         for (yid, start), rows in groups.items():
             start_f = float(start) if start else 0.0
-            names = [yid, f"{yid}_{int(start_f)}", f"{yid}_{start}", f"{yid}_{start_f:.3f}_{start_f + 10:.3f}"]
-            path = next((by_stem[n] for n in names + ["Y" + n for n in names] if n in by_stem), None)
+            names = youtube_clip_stems(yid, start, start_f + 10)
+            path = find_youtube_clip(by_stem, names)
             captions = [r["caption"] for r in rows if r.get("caption")]
             item = Item(split=split, original=f"youtube:{yid}@{start}", path=str(path) if path else None, text=captions,
                         source="audiocaps", extra={"youtube_id": yid, "start_time": start,
@@ -423,13 +444,109 @@ def preset_audiocaps(root: Path) -> list[Item]:
     return out
 
 
-def from_preset(name: str, root: Path) -> list[Item]:
-    builders = {"esc50": preset_esc50, "us8k": preset_us8k, "clotho": preset_clotho, "audiocaps": preset_audiocaps}
+AUDIOSET_PARTS = (("balanced_train_segments", "train"), ("unbalanced_train_segments", "train"), ("eval_segments", "eval"))
+AUDIOSET_LABELS = "class_labels_indices.csv"
+
+
+def read_audioset_segments(path: Path) -> list[tuple[str, str, str, list[str]]]:
+    """An AudioSet segment CSV -> ``(ytid, start, end, [mid, ...])`` rows.
+
+    The official files start with ``#`` comment lines (creation date, counts, the column names),
+    put a space after each comma and quote the comma-separated label list:
+    ``--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/t/dd00088"``.
+    """
+    rows = []
+    text = path.read_text(encoding="utf-8-sig")
+    for lineno, fields in enumerate(csv.reader(io.StringIO(text), skipinitialspace=True), 1):
+        if not fields or fields[0].lstrip().startswith("#"):
+            continue
+        if len(fields) != 4:
+            raise SourceError(f"preset audioset: {path.name}:{lineno}: expected 4 fields (YTID, start_seconds, "
+                              f"end_seconds, positive_labels), got {len(fields)}")
+        yid, start, end, labels = (f.strip() for f in fields)
+        rows.append((yid, start, end, [m.strip() for m in labels.split(",") if m.strip()]))
+    return rows
+
+
+def read_ytid_list(path: Path) -> set[str]:
+    """YouTube ids to exclude: one a line (``#`` comments), or a CSV with a ``youtube_id`` / ``YTID``
+    column (AudioCaps' train/val/test.csv as downloaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SourceError(f"--exclude-ytids {path}: no such file")
+    text = path.read_text(encoding="utf-8-sig")
+    first = text.split("\n", 1)[0].lower()
+    if "," in first and ("youtube_id" in first or "ytid" in first):
+        rows = list(csv.DictReader(io.StringIO(text), skipinitialspace=True))
+        col = next(c for c in rows[0] if c.strip().lower() in ("youtube_id", "ytid")) if rows else None
+        return {r[col].strip() for r in rows if col and r.get(col, "").strip()}
+    return {line.split("#", 1)[0].strip() for line in text.splitlines()} - {""}
+
+
+def preset_audioset(root: Path, drop_mids: Iterable[str] = (), exclude_ytids: Iterable[str] = ()) -> list[Item]:
+    """AudioSet as downloaded: ``balanced_train_segments.csv`` / ``unbalanced_train_segments.csv``
+    (split ``train``) and ``eval_segments.csv`` (split ``eval``), ``class_labels_indices.csv``
+    (index, mid, display_name), audio anywhere under ``root`` named by YouTube id (see
+    ``youtube_clip_stems``; clips that were never downloaded are rejected as ``missing_file``).
+
+    Tags are the display names, the caption the template ("The sound of Speech and Music");
+    ``clapscale k2c`` adds keyword-to-caption captions later. Each clip records ``youtube_id``,
+    ``start``, ``end``, ``mids`` and ``audioset_part``. ``drop_mids``: labels removed from every
+    clip (a clip left without labels is rejected as ``all_labels_dropped``); ``exclude_ytids``:
+    clips rejected as ``excluded_ytid`` (evaluation sets that overlap AudioSet: AudioCaps).
+    """
+    root = Path(root)
+    names = {r["mid"]: r["display_name"] for r in _read_csv(_need(root / AUDIOSET_LABELS, AUDIOSET_LABELS))}
+    drop, excluded = set(drop_mids), set(exclude_ytids)
+    unknown = sorted(drop - set(names))
+    if unknown:
+        raise SourceError(f"--drop-mids: {', '.join(unknown)} not in {AUDIOSET_LABELS} (mids look like /m/09x0r)")
+    parts = [(part, split) for part, split in AUDIOSET_PARTS if (root / f"{part}.csv").exists()]
+    if not parts:
+        raise SourceError(f"preset audioset: none of {', '.join(p + '.csv' for p, _ in AUDIOSET_PARTS)} in {root}")
+    by_stem = audio_files_by_stem(root)
+    out, seen = [], set()
+    for part, split in parts:
+        for yid, start, end, mids in read_audioset_segments(root / f"{part}.csv"):
+            if (yid, start) in seen:  # a segment listed twice (balanced is drawn from the same pool)
+                continue
+            seen.add((yid, start))
+            kept = [m for m in mids if m not in drop]
+            item = Item(split=split, original=f"youtube:{yid}@{start}", source="audioset",
+                        tag=[names.get(m, m) for m in kept],
+                        extra={"youtube_id": yid, "start": float(start), "end": float(end), "mids": kept,
+                               "audioset_part": part.removesuffix("_segments")})
+            item.text = [template_caption(item.tag)] if item.tag else []
+            out.append(item)
+            path = find_youtube_clip(by_stem, youtube_clip_stems(yid, start, float(end)))
+            if yid in excluded:
+                item.fail("excluded_ytid", f"youtube_id {yid} is in --exclude-ytids")
+            elif path is None:
+                item.fail("missing_file", f"no audio file for youtube_id {yid} under {root} "
+                                          f"(looked for {yid}[_{start}[_{end}]] with or without a 'Y' prefix)")
+            elif not kept:
+                item.fail("all_labels_dropped", f"youtube_id {yid}: every label ({', '.join(mids)}) is in --drop-mids")
+            else:
+                item.path = str(path)
+            unknown_mids = [m for m in kept if m not in names]
+            if unknown_mids and not item.reject:
+                item.fail("unknown_label", f"youtube_id {yid}: labels {unknown_mids} not in {AUDIOSET_LABELS}")
+    return out
+
+
+def from_preset(name: str, root: Path, **options: Any) -> list[Item]:
+    """The items of dataset preset ``name`` in its downloaded folder ``root``; ``options`` go to
+    presets that take them (audioset: ``drop_mids``, ``exclude_ytids``)."""
+    builders = {"esc50": preset_esc50, "us8k": preset_us8k, "clotho": preset_clotho, "audiocaps": preset_audiocaps,
+                "audioset": preset_audioset}
     if name not in builders:
         raise SourceError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     if not Path(root).is_dir():
         raise SourceError(f"--preset {name} {root}: not a directory")
-    return builders[name](Path(root))
+    if options and name != "audioset":
+        raise SourceError(f"--preset {name}: {', '.join('--' + k.replace('_', '-') for k in options)} apply to "
+                          "--preset audioset only")
+    return builders[name](Path(root), **options)
 
 
 # ----------------------------------------------------------------------------- synthetic
