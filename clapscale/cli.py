@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("clapscale.models.cli:import_hf_main", "import a transformers ClapModel directory as a clapscale checkpoint"),
     "import-laion": ("clapscale.models.cli:import_laion_main", "import a whole laion_clap checkpoint (.pt) as a clapscale model"),
     "shards": ("clapscale.shards.cli:main", "build, verify or index shards (same as tools/make_shards.py)"),
+    "k2c": ("clapscale.k2c.cli:k2c_main", "keyword-to-caption: captions from tags with a local T5 into a new shard set (--train: train one)"),
 }
 
 
