@@ -156,3 +156,29 @@ def test_trained_k2c_beats_untrained_on_held_out_tags(tmp_path):
     assert bleu > bleu0 + 25 and recall > recall0 + 0.5 and recall > 0.6
     assert not set(tuple(t) for t in tags) <= {tuple(m["tag"]) for t in (tmp_path / "syn" / "train").glob("*.tar")
                                                for m in read_json_members(t)}  # some tag sets really are unseen
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_same_shard_set_as_one(tiny_k2c, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.test_train_runs import REPO, _env
+
+    clips = [((t,), f"The sound of {t}") for t in ("Dog", "Rain", "Male speech, man speaking")] + [(("Dog", "Rain"), "x")]
+    write_shards(_records(clips * 2, "c"), tmp_path / "src", "train", shard_size=3)  # 3 shards: 2 on rank 0, 1 on rank 1
+    common = ["--shards", str(tmp_path / "src"), "--model", str(tiny_k2c), "--sample", "--num-captions", "2",
+              "--batch-size", "2", "--quiet"]
+    assert clapscale(["k2c", *common, "--out", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "clapscale.cli", "k2c", *common, "--out", str(tmp_path / "two")],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("k2c: 8 of 8 clips captioned") == 1  # printed by rank 0 only
+    assert _tars(tmp_path / "two") == _tars(tmp_path / "one")
+    one, two = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("one", "two"))
+    assert one["splits"] == two["splits"] and one["k2c"]["totals"] == two["k2c"]["totals"]
