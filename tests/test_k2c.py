@@ -121,6 +121,11 @@ def test_k2c_bad_input_is_one_line_error(tiny_k2c, tmp_path, capsys):
     assert "no <split>/*.tar" in capsys.readouterr().err
     assert clapscale(["k2c", "--shards", str(tmp_path), "--model", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "config.json" in capsys.readouterr().err
+    write_shards(_records([(("Dog",), "x")], "d"), tmp_path / "set", "train")
+    assert clapscale(["k2c", "--shards", str(tmp_path / "set"), "--model", str(tiny_k2c), "--out", str(tmp_path / "set")]) == 2
+    assert "never rewritten in place" in capsys.readouterr().err
+    assert clapscale(["k2c", "--shards", str(tmp_path / "set"), "--out", str(tmp_path / "o")]) == 2
+    assert "--model is required" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- training quality

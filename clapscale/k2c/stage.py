@@ -149,6 +149,9 @@ def run_k2c(k2c: K2CModel, opts: K2CStageOptions, rank: int = 0, world_size: int
     if opts.batch_size < 1:
         raise UserError(f"clapscale k2c: --batch-size must be >= 1, got {opts.batch_size}")
     out = Path(opts.out)
+    if out.resolve() == Path(opts.shards).resolve():
+        raise UserError(f"clapscale k2c: --out {out} is the input shard set; shards are never rewritten in place, "
+                        "choose a new --out")
     tars = input_shards(opts.shards, opts.splits)
     checksum = model_checksum(k2c.path)
     plan = _plan(opts, checksum, k2c)

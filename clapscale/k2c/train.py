@@ -149,7 +149,7 @@ def _batches(pairs: list[tuple[str, str]], batch_size: int, rng: random.Random) 
     while True:
         order = list(range(len(pairs)))
         rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
+        for i in range(0, len(order) - batch_size + 1, batch_size):  # batch_size <= len(pairs)
             yield [pairs[j] for j in order[i:i + batch_size]]
 
 
