@@ -135,7 +135,7 @@ def caption_shard(k2c: K2CModel, split: str, tar: Path, out_tar: Path, opts: K2C
 
 
 def _plan(opts: K2CStageOptions, checksum: str, k2c: K2CModel) -> dict[str, Any]:
-    return {"input": str(Path(opts.shards).resolve()), "model": str(k2c.path), "model_sha256": checksum,
+    return {"input": str(Path(opts.shards).resolve()), "model": str(Path(k2c.path).resolve()), "model_sha256": checksum,
             "prompt": k2c.prompt, "generation": asdict(opts.generation), "seed": opts.seed, "debias": opts.debias,
             "splits": opts.splits, "batch_size": opts.batch_size}
 
