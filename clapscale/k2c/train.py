@@ -35,8 +35,8 @@ PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 
 @dataclass
 class K2CTrainConfig:
-    """A tiny T5 by default (~0.5 M parameters with a corpus-sized vocabulary); ``t5_config`` (a
-    T5Config JSON file) replaces the size fields."""
+    """A tiny T5 by default (0.9 M parameters with a 2000-piece vocabulary, 0.17 M at d_model 64);
+    ``t5_config`` (a T5Config JSON file) replaces the size fields."""
 
     d_model: int = 128
     d_ff: int = 256
