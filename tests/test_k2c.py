@@ -74,7 +74,15 @@ def test_k2c_stage_writes_debiased_captions_resumably(tiny_k2c, tmp_path, capsys
     clips = [(("Male speech, man speaking",), "The sound of Male speech, man speaking"), (("Dog",), "The sound of Dog"),
              (("Dog", "Rain"), "The sound of Dog and Rain"), ((), "an untagged clip")]
     src = tmp_path / "audioset"
-    write_shards(_records(clips, "t"), src, "train", shard_size=2)
+    import io
+
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(jpeg, format="JPEG")
+    records = list(_records(clips, "t"))
+    records[1]["image"] = jpeg.getvalue()  # a clip's picture (trimodal shards) travels with it
+    write_shards(records, src, "train", shard_size=2)
     write_shards(_records([(("Female speech, woman speaking",), "The sound of Female speech")], "e"), src, "eval")
     out = tmp_path / "k2c"
     argv = ["k2c", "--shards", str(src), "--model", str(tiny_k2c), "--out", str(out), "--num-captions", "2",
@@ -83,8 +91,9 @@ def test_k2c_stage_writes_debiased_captions_resumably(tiny_k2c, tmp_path, capsys
     printed = capsys.readouterr().out
     assert verify_shards(out).ok
     before, after = _tars(src), _tars(out)
-    assert [k for k in before if k[2].endswith(".flac")] == [k for k in after if k[2].endswith(".flac")]
-    assert all(after[k] == v for k, v in before.items() if k[2].endswith(".flac"))  # audio copied byte for byte
+    copied = [k for k in before if k[2].endswith((".flac", ".jpg"))]
+    assert len(copied) == 6 and copied == [k for k in after if k[2].endswith((".flac", ".jpg"))]
+    assert all(after[k] == before[k] for k in copied)  # audio and pictures copied byte for byte
     metas = {json.loads(v)["key"] if "key" in json.loads(v) else k[2]: json.loads(v)
              for k, v in after.items() if k[2].endswith(".json")}
     tagged = [m for m in metas.values() if m["tag"]]

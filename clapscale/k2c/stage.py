@@ -1,7 +1,8 @@
 """``clapscale k2c``: keyword-to-caption captions for every tagged clip of a shard set.
 
 Output: a **new shard set** (DESIGN.md: pair-making stages never edit shards in place), the same
-splits, shard names and samples as the input, each sample's FLAC copied byte for byte and its JSON
+splits, shard names and samples as the input, each sample's FLAC (and picture, if any) copied byte
+for byte and its JSON
 given ``text_augment_t5`` (the de-biased K2C captions) and ``text_augment_all`` (the sample's own
 captions followed by them), the fields ``data.caption`` already reads. A sidecar merged at load time
 would save the copy of the audio, but every loader (webdataset, DALI, LAION's own tools) would need
@@ -101,7 +102,7 @@ def caption_shard(k2c: K2CModel, split: str, tar: Path, out_tar: Path, opts: K2C
         except ValueError:
             problems.append(f"bad JSON in sample {raw['__key__']} of {tar}")
             continue
-        samples.append(EncodedSample(key=raw["__key__"], flac=raw["flac"], meta=meta))
+        samples.append(EncodedSample(key=raw["__key__"], flac=raw["flac"], meta=meta, jpg=raw.get("jpg")))
     if problems and not samples:
         raise UserError(f"clapscale k2c: {tar}: no readable sample ({problems[0]})")
     result = ShardResult(split=split, info={}, clips=len(samples), unreadable=len(problems))
