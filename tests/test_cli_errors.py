@@ -105,7 +105,7 @@ def test_unknown_tower_names_the_known_ones(capsys):
     assert cli_main(["models", "--audio", "bogus"]) == EXIT_USER_ERROR
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == "clapscale models: error: --audio: unknown tower bogus; known: htsat, cnn, vit\n"
+    assert err == "clapscale models: error: --audio: unknown tower bogus; known: htsat, cnn, vit, esresnext\n"
     assert cli_main(["models", "--text", "gpt"]) == EXIT_USER_ERROR
     assert "known: minilm, bert, roberta, clip" in capsys.readouterr().err
 
