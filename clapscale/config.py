@@ -349,6 +349,11 @@ class TrainConfig:
     # torch.compile backend for each tower, compiled in place (parameter names, hence checkpoints,
     # unchanged); "" = eager. "inductor" generates kernels; "aot_eager" only traces (tests).
     compile: str = ""
+    # Start from another run's weights (an exported model directory, a trainer checkpoint or a run
+    # directory; models.loading.load_trained_model): weights only, with a fresh optimizer, LR
+    # schedule and step 0 (two-stage pretraining). A checkpoint of this run found by train.resume
+    # replaces them, so a requeued stage-2 job continues where it stopped. Empty = off.
+    init_from: str = ""
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.zero_stage", self.zero_stage, (0, 1, 2, 3))

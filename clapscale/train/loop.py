@@ -98,6 +98,12 @@ class Trainer:
         # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway for ZeRO 0-2).
         _seed_everything(cfg.train.seed)
         model = build_model(cfg)
+        if cfg.train.init_from:
+            # Weights only; the engine built below gets a fresh optimizer and schedule, and
+            # _resume replaces the weights when this run has a checkpoint of its own.
+            from clapscale.models.loading import init_weights_from
+
+            init_weights_from(model, cfg.train.init_from)
         self.tokenizer = build_tokenizer(cfg.model.text)
         self.frontend = AudioFrontend(cfg.audio).to(self.device)
         self.loader = build_loader(
