@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-hf": ("clapscale.models.cli:import_hf_main", "import a transformers ClapModel directory as a clapscale checkpoint"),
     "import-laion": ("clapscale.models.cli:import_laion_main", "import a whole laion_clap checkpoint (.pt) as a clapscale model"),
     "shards": ("clapscale.shards.cli:main", "build, verify or index shards (same as tools/make_shards.py)"),
+    "caption": ("clapscale.caption.cli:main", "train a tag-guided captioner, generate synthetic captions, score them"),
 }
 
 

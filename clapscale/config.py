@@ -479,6 +479,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Override values are parsed as YAML scalars/lists (``train.steps=10``, ``optim.betas=[0.9,0.98]``).
     """
+    return config_from_dict(read_raw_config(path, overrides))
+
+
+def load_typed_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """``load_config`` for another root dataclass (e.g. the captioner's); its ``validate()`` is called."""
+    return _build(cls, read_raw_config(path, overrides), "").validate()
+
+
+def read_raw_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML at ``path`` (or {}) with ``a.b.c=value`` overrides applied, not yet typed."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -495,7 +505,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
         _set_dotted(raw, key.strip(), _parse_yaml(value, f"override {item!r}") if value.strip() else "")
-    return config_from_dict(raw)
+    return raw
 
 
 def _parse_yaml(text: str, where: str) -> Any:
