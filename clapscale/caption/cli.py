@@ -69,16 +69,20 @@ def generate_main(argv: list[str]) -> int:
 
     from clapscale.caption.generate import generate_shards
 
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # torchrun sets RANK / WORLD_SIZE; srun (launch/pretrain.sh) sets SLURM_PROCID / SLURM_NTASKS
+    # and pretrain.sh exports MASTER_ADDR / MASTER_PORT.
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", 0)))
+    world_size = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", 1)))
     device = _device(args.device)
     if world_size > 1:
         import torch.distributed as dist
 
         if device.startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", 0))
+            local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world_size)
     try:
         summary = generate_shards(args.captioner, args.shards, args.out, args.split, beam=1 if args.greedy else args.beam,
                                   batch_size=args.batch_size, rank=rank, world_size=world_size, device=device,
