@@ -22,7 +22,7 @@ run() { echo "+ $*" >&2; "$PY" -m clapscale.cli "$@"; }
 
 # CAPTION_ARGS: extra overrides of the captioner recipe (e.g. "train.steps=3" for a smoke run).
 # shellcheck disable=SC2086
-run caption train configs/captioner-demo.yaml "data.train=$SHARDS/train/{000000..000001}.tar" \
+run caption train configs/caption/demo.yaml "data.train=$SHARDS/train/{000000..000001}.tar" \
     "train.out_dir=$OUT/runs" ${CAPTION_ARGS:-}
 CAP=$OUT/runs/captioner-demo/captioner
 run caption score --captioner "$CAP" --shards "$SHARDS/valid/000000.tar" --out "$OUT/captioner-valid.json"

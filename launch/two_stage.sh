@@ -7,7 +7,7 @@
 #   4. stage 2: CLAP on real captions from stage 1   (configs/stage2-real.yaml, train.init_from)
 #
 #   launch/two_stage.sh CAPTIONER_RECIPE TAGGED_SHARDS SYNTHETIC_OUT [extra sbatch flags...]
-#   launch/two_stage.sh configs/captioner-demo.yaml 'shards/demo/train/{000002..000003}.tar' \
+#   launch/two_stage.sh configs/caption/demo.yaml 'shards/demo/train/{000002..000003}.tar' \
 #       shards/synthetic-captions --gpus-per-node=0 --ntasks-per-node=2
 #
 # Every job runs launch/pretrain.sh (same srun / requeue handling); CLAPSCALE_MODULE selects the

@@ -280,3 +280,21 @@ def test_two_rank_training_and_generation_equal_one_process_greedy(corpus, tmp_p
     again = generate_shards(captioner, spec, tmp_path / "one", "train", beam=1, batch_size=3, progress=False)
     assert again.shards_resumed == 3 and again.written == 8
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "one" / "train").glob("*.tar")} == before
+
+
+@pytest.mark.parametrize("recipe", sorted(str(p) for p in (REPO / "configs" / "caption").glob("*.yaml")))
+def test_every_captioner_recipe_loads(recipe):
+    from clapscale.caption.config import load_caption_config
+    from clapscale.models.registry import audio_entry, text_entry
+
+    cfg = load_caption_config(recipe)
+    audio_entry(cfg.model.audio.name, cfg.model.audio.size, cfg.model.audio.fusion)
+    text_entry(cfg.model.text.name)
+
+
+def test_stage_recipes_chain_through_init_from():
+    from clapscale.config import load_config
+
+    stage1, stage2 = load_config(REPO / "configs" / "stage1-synthetic.yaml"), load_config(REPO / "configs" / "stage2-real.yaml")
+    assert stage2.train.init_from == f"{stage1.train.out_dir}/{stage1.train.name}/model"
+    assert stage1.model == stage2.model and stage1.audio == stage2.audio  # weights fit

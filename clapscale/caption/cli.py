@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
 def train_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="clapscale caption train",
                                 description="Train the tag-guided captioner (torchrun / srun for several ranks).")
-    p.add_argument("config", help="YAML recipe, e.g. configs/captioner-demo.yaml")
+    p.add_argument("config", help="YAML recipe, e.g. configs/caption/demo.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
     args = p.parse_args(argv)
     from clapscale.caption.config import load_caption_config
