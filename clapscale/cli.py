@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-laion": ("clapscale.models.cli:import_laion_main", "import a whole laion_clap checkpoint (.pt) as a clapscale model"),
     "shards": ("clapscale.shards.cli:main", "build, verify or index shards (same as tools/make_shards.py)"),
     "k2c": ("clapscale.k2c.cli:k2c_main", "keyword-to-caption: captions from tags with a local T5 into a new shard set (--train: train one)"),
+    "caption": ("clapscale.caption.cli:main", "train a tag-guided captioner, generate synthetic captions, score them"),
 }
 
 

@@ -349,6 +349,11 @@ class TrainConfig:
     # torch.compile backend for each tower, compiled in place (parameter names, hence checkpoints,
     # unchanged); "" = eager. "inductor" generates kernels; "aot_eager" only traces (tests).
     compile: str = ""
+    # Start from another run's weights (an exported model directory, a trainer checkpoint or a run
+    # directory; models.loading.load_trained_model): weights only, with a fresh optimizer, LR
+    # schedule and step 0 (two-stage pretraining). A checkpoint of this run found by train.resume
+    # replaces them, so a requeued stage-2 job continues where it stopped. Empty = off.
+    init_from: str = ""
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.zero_stage", self.zero_stage, (0, 1, 2, 3))
@@ -474,6 +479,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     Override values are parsed as YAML scalars/lists (``train.steps=10``, ``optim.betas=[0.9,0.98]``).
     """
+    return config_from_dict(read_raw_config(path, overrides))
+
+
+def load_typed_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """``load_config`` for another root dataclass (e.g. the captioner's); its ``validate()`` is called."""
+    return _build(cls, read_raw_config(path, overrides), "").validate()
+
+
+def read_raw_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The YAML at ``path`` (or {}) with ``a.b.c=value`` overrides applied, not yet typed."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -490,7 +505,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
         _set_dotted(raw, key.strip(), _parse_yaml(value, f"override {item!r}") if value.strip() else "")
-    return config_from_dict(raw)
+    return raw
 
 
 def _parse_yaml(text: str, where: str) -> Any:

@@ -54,7 +54,10 @@ echo "clapscale: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SL
 export CLAPSCALE_REQUEUE_FILE=$PWD/.clapscale-requeue-${SLURM_JOB_ID}
 rm -f "$CLAPSCALE_REQUEUE_FILE"
 set +e
-srun --kill-on-bad-exit=1 "$PYTHON" -m clapscale.train.cli "$@"
+# CLAPSCALE_MODULE runs another stage under the same launch (e.g. "clapscale.caption.cli" with
+# arguments "train RECIPE" or "generate ..."; launch/two_stage.sh).
+# shellcheck disable=SC2086
+srun --kill-on-bad-exit=1 "$PYTHON" -m ${CLAPSCALE_MODULE:-clapscale.train.cli} "$@"
 rc=$?
 set -e
 if [[ -f $CLAPSCALE_REQUEUE_FILE ]]; then

@@ -138,3 +138,22 @@ def _load_trainer_checkpoint(path: Path) -> tuple[nn.Module, Config]:
     check_shapes(model, sd, where=str(path))
     model.load_state_dict(sd, strict=True)
     return model, cfg
+
+
+def init_weights_from(model: nn.Module, path: str | Path) -> Config:
+    """Copy the weights of the trained model at ``path`` into ``model`` (in place); returns its config.
+
+    ``path`` is anything :func:`load_trained_model` reads. Every tensor must match by name and shape
+    (``CheckpointMismatchError`` names the ones that do not: another tower, size or ``embed_dim``).
+    """
+    if not Path(path).exists():
+        raise ModelLoadError(
+            f"train.init_from={str(path)!r} does not exist: give an exported model directory "
+            "(runs/<name>/model), a trainer checkpoint (runs/<name>/checkpoints/step_N) or a run directory"
+        )
+    source, source_cfg = load_trained_model(path)
+    state = source.state_dict()
+    check_shapes(model, state, where=f"train.init_from={str(path)!r}")
+    model.load_state_dict(state, strict=True)
+    return source_cfg
+

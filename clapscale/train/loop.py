@@ -98,6 +98,12 @@ class Trainer:
         # Same initial weights on every rank (DeepSpeed broadcasts rank 0's anyway for ZeRO 0-2).
         _seed_everything(cfg.train.seed)
         model = build_model(cfg)
+        if cfg.train.init_from:
+            # Weights only; the engine built below gets a fresh optimizer and schedule, and
+            # _resume replaces the weights when this run has a checkpoint of its own.
+            from clapscale.models.loading import init_weights_from
+
+            init_weights_from(model, cfg.train.init_from)
         self.tokenizer = build_tokenizer(cfg.model.text)
         self.frontend = AudioFrontend(cfg.audio).to(self.device)
         self.loader = build_loader(
@@ -320,31 +326,7 @@ class Trainer:
         return mean_loss
 
     def _batches(self) -> Iterator[dict[str, Any]]:
-        # Starting a DataLoader pass draws worker seeds from torch's global generator; a resumed
-        # run starts its pass at a different step than the original did, so that draw would shift
-        # every dropout mask after it. Data loading must not touch the training RNG.
-        it, empty_passes = iter(()), 0
-        while True:
-            state = torch.get_rng_state()
-            try:
-                batch = next(it)
-            except StopIteration:
-                it = iter(self.loader)
-                batch = next(it, None)
-            finally:
-                torch.set_rng_state(state)
-            if batch is not None:
-                empty_passes = 0
-                yield batch
-            else:
-                empty_passes += 1
-                if empty_passes >= 2:
-                    raise RuntimeError(
-                        f"rank {self.denv.rank}: the training loader yielded no batch over two passes of "
-                        f"data.train={self.cfg.data.train!r}: too few samples for data.batch_size="
-                        f"{self.cfg.data.batch_size} on this rank, or every sample was skipped "
-                        f"({dict(getattr(self.loader, 'skipped', {}))})"
-                    )
+        return training_batches(self.loader, self.denv.rank, self.cfg.data.train, self.cfg.data.batch_size)
 
     # ------------------------------------------------------------------------------ helpers
 
@@ -421,6 +403,38 @@ class Trainer:
         if dist.get_world_size() > 1:
             dist.barrier()
         return out
+
+
+def training_batches(loader: Any, rank: int, spec: str, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Batches of ``loader``, pass after pass, without touching torch's global generator.
+
+    Starting a DataLoader pass draws worker seeds from torch's global generator; a resumed run
+    starts its pass at a different step than the original did, so that draw would shift every
+    dropout mask after it. Data loading must not touch the training RNG. Two passes without a
+    batch raise ``RuntimeError`` naming the rank and ``spec``.
+    """
+    it, empty_passes = iter(()), 0
+    while True:
+        state = torch.get_rng_state()
+        try:
+            batch = next(it)
+        except StopIteration:
+            it = iter(loader)
+            batch = next(it, None)
+        finally:
+            torch.set_rng_state(state)
+        if batch is not None:
+            empty_passes = 0
+            yield batch
+        else:
+            empty_passes += 1
+            if empty_passes >= 2:
+                raise RuntimeError(
+                    f"rank {rank}: the training loader yielded no batch over two passes of "
+                    f"data.train={spec!r}: too few samples for data.batch_size="
+                    f"{batch_size} on this rank, or every sample was skipped "
+                    f"({dict(getattr(loader, 'skipped', {}))})"
+                )
 
 
 def _describe_schedule(schedule: dict[str, Any]) -> str:
