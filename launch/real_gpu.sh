@@ -29,6 +29,12 @@ while [[ $# -gt 0 ]]; do
     *) echo "real_gpu.sh: $1 is neither an option nor a section.field=value override" >&2; exit 2 ;;
   esac
 done
+# The run directory is replaced (a fresh run, as `make real` does), but only when it is a run
+# (the trainer's metrics.jsonl or this script's timings.json) or empty: never another folder.
+if [[ -n "$(ls -A "$RUN" 2>/dev/null)" && ! -f "$RUN/metrics.jsonl" && ! -f "$RUN/timings.json" ]]; then
+  echo "real_gpu.sh: --out $RUN holds files but no run (metrics.jsonl / timings.json); not replacing it" >&2
+  exit 2
+fi
 PY="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"

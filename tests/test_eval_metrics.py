@@ -177,10 +177,13 @@ def test_per_class_recall_matches_sklearn_recall_and_counts_answers():
     g = torch.Generator().manual_seed(4)
     target = torch.cat([torch.zeros(30, dtype=torch.long), torch.randint(2, 5, (20,), generator=g)])  # class 1 absent
     logits = torch.randn(50, 5, generator=g) + torch.nn.functional.one_hot(target, 5)
+    logits[:3, 1] = 100.0  # class 1 has no clips but takes three answers: it is listed
     rows = per_class_recall(logits, target)
     present = sorted(set(target.tolist()))
-    assert sorted(rows) == present
+    assert sorted(rows) == sorted(present + [1])
     answers = logits.argmax(1).numpy()
+    assert rows[1] == {"clips": 0, "recall": None, "predicted": int((answers == 1).sum())}
+    assert rows[1]["predicted"] >= 3
     want = skm.recall_score(target.numpy(), answers, labels=present, average=None)
     for c, r in zip(present, want):
         assert rows[c]["recall"] == pytest.approx(100 * r)

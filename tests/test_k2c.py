@@ -120,6 +120,10 @@ def test_k2c_stage_writes_debiased_captions_resumably(tiny_k2c, tmp_path, capsys
     (out / "train" / "000001.tar").unlink()
     assert clapscale(argv) == 0
     assert _tars(out) == after and (out / "train" / "000000.tar").read_bytes() == first
+    # A tar lost after its record was written (an output copied without .k2c/) is redone too.
+    (out / "train" / "000001.tar").unlink()
+    assert clapscale(argv) == 0
+    assert _tars(out) == after
     # Other parameters into the same --out: refused, one line.
     assert clapscale(argv[:-1] + ["--num-captions", "3", "--quiet"]) == 2
     assert "another model or parameters" in capsys.readouterr().err
@@ -153,7 +157,10 @@ def test_trained_k2c_beats_untrained_on_held_out_tags(tmp_path):
     model_dir = tmp_path / "model"
     assert clapscale(["k2c", "--train", "--shards", str(tmp_path / "syn"), "--out", str(model_dir), "--steps", "160",
                       "--d-model", "64", "--d-ff", "128", "--train-batch-size", "32", "--lr", "3e-3", "--quiet"]) == 0
-    held_out = [r for r in synthetic.generate("test", 40)]
+    # Held out = tag sets that never occur in training (the test split shares some sets with train).
+    seen = {tuple(m["tag"]) for t in (tmp_path / "syn" / "train").glob("*.tar") for m in read_json_members(t)}
+    held_out = [r for r in synthetic.generate("test", 80) if tuple(r["tag"]) not in seen]
+    assert len(held_out) >= 20
     tags = [r["tag"] for r in held_out]
     refs = [[r["text"][0] for r in held_out], [r["text"][1] for r in held_out]]
     opts = GenerationOptions(num_captions=1, beams=3)
@@ -168,8 +175,6 @@ def test_trained_k2c_beats_untrained_on_held_out_tags(tmp_path):
     print(scores)
     (bleu, recall), (bleu0, recall0) = scores["trained"], scores["untrained"]
     assert bleu > bleu0 + 25 and recall > recall0 + 0.5 and recall > 0.6
-    assert not set(tuple(t) for t in tags) <= {tuple(m["tag"]) for t in (tmp_path / "syn" / "train").glob("*.tar")
-                                               for m in read_json_members(t)}  # some tag sets really are unseen
 
 
 @pytest.mark.slow

@@ -206,6 +206,14 @@ def test_real_gpu_script_runs_end_to_end_on_cpu_for_two_steps(corpus, tmp_path):
     _, out = corpus
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHON=sys.executable, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    # --out is replaced only when it is a run: another folder is refused and left as it is.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    refused = subprocess.run(["bash", "launch/real_gpu.sh", "--shards", str(out), "--out", str(other), "--device", "cpu"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "not replacing it" in refused.stderr
+    assert (other / "keep.txt").read_text() == "mine"
     run = tmp_path / "real-gpu"
     proc = subprocess.run(
         ["bash", "launch/real_gpu.sh", "--shards", str(out), "--out", str(run), "--device", "cpu",

@@ -102,3 +102,11 @@ def test_audioset_bad_options_are_one_line_errors(tmp_path, capsys):
     assert "class_labels_indices.csv" in capsys.readouterr().err
     assert make_shards(["--from-dir", str(root), "--out", str(tmp_path / "o"), "--quiet", "--drop-mids", "/m/09x0r"]) == 2
     assert "--preset audioset" in capsys.readouterr().err
+    # A re-distributed copy with a plain header line reads; a non-numeric start is one line, not a traceback.
+    (root / "eval_segments.csv").write_text("YTID,start_seconds,end_seconds,positive_labels\n"
+                                            'rainyday_01,1.500,11.500,"/m/06mb1"\n')
+    assert read_audioset_segments(root / "eval_segments.csv") == [("rainyday_01", "1.500", "11.500", ["/m/06mb1"])]
+    (root / "eval_segments.csv").write_text('rainyday_01, start, 11.500, "/m/06mb1"\n')
+    assert make_shards(["--preset", "audioset", str(root), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "eval_segments.csv:1: start/end seconds are not numbers" in err and "Traceback" not in err

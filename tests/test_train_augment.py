@@ -19,6 +19,9 @@ def test_off_by_default_and_gain_is_a_per_clip_offset_within_bounds():
     per_clip = shift[:, :, :1, :1]
     torch.testing.assert_close(shift, per_clip.expand_as(shift))  # one offset per clip
     assert per_clip.abs().max() <= 6 and per_clip.std() > 0.5  # drawn in +-6 dB, not constant
+    # The floor (silence, padding) stays at -100 dB, as a gain on the waveform would leave it.
+    floor = torch.full((6, 1, 10, 64), -100.0)
+    torch.testing.assert_close(augment_mel(floor, AugmentConfig(gain_db=6), augment_generator(0, 3, 1)), floor)
 
 
 def test_masks_cover_whole_stripes_filled_with_the_clip_mean_and_spare_the_input():

@@ -18,7 +18,9 @@ policies must be exactly those of the webdataset loader:
    ``data.shuffle_buffer`` / readers: together they hold as many samples as webdataset's one buffer.
 2. glue: JSON, captions and the FLAC header (magic, STREAMINFO, sample rate, length) are checked in
    Python; bad samples are skipped and counted (``clapscale.data.wds.SKIP_REASONS``).
-3. decoder: ``decoders.audio`` (CPU, ``data.workers`` threads) on the good FLACs. If it still fails
+3. decoder: a clip that a cropping policy cuts (``rand_trunc`` / ``repeatpad`` / ``pad`` longer than
+   one clip) is read by seeking to its window with libsndfile (``clapscale.data.wds.decode_crop``), on
+   ``data.workers`` threads; the rest go to ``decoders.audio`` (CPU, ``data.workers`` threads). If it fails
    (corrupt frames behind a valid header), the pipeline is rebuilt and the batch's samples are
    checked one by one with libsndfile to find and skip the bad ones. Clips longer than
    ``audio.max_seconds`` (known from the header) are decoded by libsndfile up to the cap instead,
@@ -47,6 +49,7 @@ import os
 import tempfile
 import zlib
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -380,9 +383,23 @@ class DaliLoader:
         return {
             "pick": row.get("pick"), "key": row["key"], "where": row["where"], "flac": row["flac"],
             "rng": rng, "long": total == 0 or total > cap, **texts,
-            # A cropping policy's window, decoded alone by seeking (None: decode the clip).
-            "crop": decode_crop(data, self.audio_cfg, rng),
         }
+
+    def _crop_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Set each row's ``crop``: a cropping policy's window decoded alone by seeking (None: decode
+        the clip). On ``data.workers`` threads, as DALI's own decoder runs (libsndfile releases the
+        GIL); each row draws from its own generator, so the result does not depend on the threads.
+        The pool lives for one batch only: no idle threads outlive it into a later fork."""
+        def crop(row: dict[str, Any]) -> Any:
+            return decode_crop(row["flac"].tobytes(), self.audio_cfg, row["rng"])
+
+        if self.threads > 1 and len(rows) > 1:
+            with ThreadPoolExecutor(min(self.threads, len(rows)), thread_name_prefix="clapscale-crop") as pool:
+                crops = list(pool.map(crop, rows))
+        else:
+            crops = [crop(r) for r in rows]
+        for row, c in zip(rows, crops):
+            row["crop"] = c
 
     def _decode(self, rows: list[dict[str, Any]]) -> list[np.ndarray | None]:
         """Decoded mono float32 per row (None for rows that fail to decode)."""
@@ -436,6 +453,7 @@ class DaliLoader:
                 rows.append(self._check_row(row))
             except SkipSample as e:
                 self._skip(e.reason, row["where"], e.detail, row.get("pick"))
+        self._crop_rows(rows)
         waves = self._decode(rows)
         samples = []
         for row, wave in zip(rows, waves):

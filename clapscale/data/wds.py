@@ -157,7 +157,9 @@ def decode_crop(data: bytes, audio_cfg: AudioConfig, rng: np.random.Generator | 
     FLAC or has no recorded length, and whenever the window cannot stand for the whole decode: a
     file that ends before its header says (the full decode finds the real length) or a silent
     window (only the whole clip tells whether the clip is silent). The caller then decodes in full,
-    which also reports every bad sample as before.
+    which also reports every bad sample as before. One difference remains by design: a stream whose
+    damaged frames lie outside the window is used (its window decodes cleanly), where the full decode
+    would skip it as ``decode_error``; ``make_shards --verify`` decodes every frame and finds it.
     """
     try:
         sample_rate, total = flac_header(data)

@@ -364,26 +364,29 @@ def macro_recall(logits: Tensor, target: Tensor) -> float:
     Args:
         logits: (N, L) clip-by-label scores; target: (N,) true label index per clip.
     """
-    recalls = [row["recall"] for row in per_class_recall(logits, target).values()]
+    recalls = [row["recall"] for row in per_class_recall(logits, target).values() if row["clips"]]
     if not recalls:
         raise ValueError("macro_recall: no clips to evaluate")
     return sum(recalls) / len(recalls)
 
 
-def per_class_recall(logits: Tensor, target: Tensor) -> dict[int, dict[str, float]]:
-    """For each class index present in ``target``: its ``clips``, ``recall`` (percent of them whose
-    top-1 label is right, ties pessimistic) and ``predicted`` (clips of any class whose top-1 answer it
-    is, ties to the lowest index). Shows which classes a model never finds and which ones it answers
-    for everything; ``macro_recall`` is the mean of ``recall``.
+def per_class_recall(logits: Tensor, target: Tensor) -> dict[int, dict[str, float | None]]:
+    """For each class index present in ``target`` or answered: its ``clips``, ``recall`` (percent of
+    them whose top-1 label is right, ties pessimistic; None for a class with no clips) and
+    ``predicted`` (clips whose top-1 answer it is, ties to the lowest index). Shows which classes a
+    model never finds and which ones it answers for everything, including labels with no clips in
+    the set; ``macro_recall`` is the mean of ``recall`` over the classes with clips.
     """
     hit = ranks_single_relevant(logits, target) <= 1
     target = target.to(hit.device)
     answers = logits.argmax(1).to(hit.device)
-    return {
-        int(c): {"clips": int((target == c).sum()), "recall": 100.0 * hit[target == c].double().mean().item(),
-                 "predicted": int((answers == c).sum())}
-        for c in torch.unique(target)
-    }
+    rows: dict[int, dict[str, float | None]] = {}
+    for c in torch.unique(torch.cat([target, answers])).tolist():
+        mine = target == c
+        rows[int(c)] = {"clips": int(mine.sum()),
+                        "recall": 100.0 * hit[mine].double().mean().item() if bool(mine.any()) else None,
+                        "predicted": int((answers == c).sum())}
+    return rows
 
 
 def majority_baseline(targets: Tensor) -> dict[str, float]:

@@ -171,7 +171,8 @@ def run_k2c(k2c: K2CModel, opts: K2CStageOptions, rank: int = 0, world_size: int
         raise UserError(f"clapscale k2c: {error}")
 
     mine = tars[rank::world_size]
-    todo = [(s, t) for s, t in mine if not _done_path(out, s, t.name).exists()]
+    # Done = its record and its tar: a tar lost after the record (copied without .k2c/) is redone.
+    todo = [(s, t) for s, t in mine if not (_done_path(out, s, t.name).exists() and (out / s / t.name).exists())]
     own_error: Exception | None = None
     with tqdm(total=sum(_count(t) for _, t in todo), desc="k2c", unit="clip",
               disable=not opts.progress or rank != 0) as bar:

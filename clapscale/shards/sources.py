@@ -460,10 +460,17 @@ def read_audioset_segments(path: Path) -> list[tuple[str, str, str, list[str]]]:
     for lineno, fields in enumerate(csv.reader(io.StringIO(text), skipinitialspace=True), 1):
         if not fields or fields[0].lstrip().startswith("#"):
             continue
+        if fields[0].strip() == "YTID" and not rows:  # a plain header line (re-distributed copies)
+            continue
         if len(fields) != 4:
             raise SourceError(f"preset audioset: {path.name}:{lineno}: expected 4 fields (YTID, start_seconds, "
                               f"end_seconds, positive_labels), got {len(fields)}")
         yid, start, end, labels = (f.strip() for f in fields)
+        try:
+            float(start), float(end)
+        except ValueError:
+            raise SourceError(f"preset audioset: {path.name}:{lineno}: start/end seconds are not numbers: "
+                              f"{start!r}, {end!r}") from None
         rows.append((yid, start, end, [m.strip() for m in labels.split(",") if m.strip()]))
     return rows
 

@@ -8,9 +8,14 @@ augmentation of the uninterrupted run, and two ranks never repeat each other's m
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from clapscale.config import AugmentConfig
+from clapscale.features import AMIN
+
+FLOOR_DB = 10.0 * math.log10(AMIN)  # -100 dB: the log-mel's floor
 
 
 def augment_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -35,7 +40,9 @@ def augment_mel(mel: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> to
     out = mel.clone()
     if cfg.gain_db:
         gain = (torch.rand(b, generator=g) * 2 - 1) * cfg.gain_db
-        out += gain.to(out.device, out.dtype).view(b, 1, 1, 1)
+        shifted = (out + gain.to(out.device, out.dtype).view(b, 1, 1, 1)).clamp(min=FLOOR_DB)
+        # As a gain on the waveform would: silence and padding stay at the front end's floor.
+        out = torch.where(out <= FLOOR_DB, out, shifted)
     mask = torch.zeros(b, t, f, dtype=torch.bool)
     if cfg.time_masks and cfg.time_mask_frames:
         mask |= _stripes(b, cfg.time_masks, cfg.time_mask_frames, t, g).unsqueeze(-1)

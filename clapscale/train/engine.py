@@ -123,10 +123,12 @@ def build_engine(model: nn.Module, cfg: Config, world_size: int, device: torch.d
 
 
 def apply_speed_settings(model: nn.Module, cfg: Config, device: torch.device) -> None:
-    """``train.tf32`` (process-wide fp32 matmul precision, CUDA only: CPU runs stay bit-exact) and
+    """``train.tf32`` (process-wide TF32 for fp32 matmuls and cuDNN convolutions, CUDA only: CPU runs
+    stay bit-exact; cuDNN's own default is TF32 on, so ``false`` turns it off there too) and
     ``train.compile`` (each tower compiled in place, so parameter names and checkpoints are unchanged)."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     if cfg.train.compile:
         for tower in (model.audio_tower, model.text_tower):
             tower.compile(backend=cfg.train.compile)

@@ -116,8 +116,8 @@ class Trainer:
         self.audio_input = model.audio_tower.input_kind
         if self.audio_input == "waveform" and cfg.augment.enabled:
             raise ConfigError(
-                f"augment.enabled=true masks log-mels, but model.audio.name={cfg.model.audio.name!r} reads the "
-                "waveform: set augment.enabled=false"
+                f"the augment section shifts and masks log-mels, but model.audio.name={cfg.model.audio.name!r} "
+                "reads the waveform: set augment.gain_db=0 augment.time_masks=0 augment.freq_masks=0"
             )
         self.engine = engines.build_engine(model, cfg, denv.world_size, self.device)
         self.dtype = engines.compute_dtype(cfg)

@@ -55,11 +55,18 @@ class ConvBlock(nn.Module):
             self.conv2 = nn.Conv2d(cout, cout, kernel, padding=kernel // 2, bias=False)
             self.bn2 = nn.BatchNorm2d(cout)
 
+    channels_last = False  # set by PannCnn.set_channels_last
+
     def forward(self, x: torch.Tensor, pool: tuple[int, int]) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn1(self.conv1(self._format(x))))
         if self.double:
-            x = F.relu(self.bn2(self.conv2(x)))
+            x = F.relu(self.bn2(self.conv2(self._format(x))))
         return F.avg_pool2d(x, pool) if pool != (1, 1) else x
+
+    def _format(self, x: torch.Tensor) -> torch.Tensor:
+        # A convolution follows its input's memory format, but a 1-channel input (block 1's) is
+        # ambiguous and gives contiguous output: convert before each convolution (a no-op once NHWC).
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 class PannCnn(AudioTower):
@@ -148,9 +155,14 @@ class PannCnn(AudioTower):
 
     def set_channels_last(self, enable: bool = True) -> None:
         """Run the convolutions in channels_last (NHWC) memory format, which cuDNN's bf16 tensor-core
-        kernels prefer; the outputs are the same up to float summation order."""
+        kernels prefer; the outputs are the same up to float summation order. Only the activations
+        change format (a convolution follows its input's): the weights stay contiguous, because
+        DeepSpeed flattens them by viewing their storage (channels_last bf16 weights made ZeRO's
+        flattening fail: "stride(-1) must be 1 to view BFloat16 as Byte")."""
         self.channels_last = enable
-        self.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
+        for block in self.modules():
+            if isinstance(block, ConvBlock):
+                block.channels_last = enable
 
     def load_pretrained(self, path: str) -> None:
         load_panns_weights(self, path)
