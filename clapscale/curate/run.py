@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,8 +117,8 @@ def teacher_checksum(path: str | Path) -> str:
 
 
 def _threshold_counts(values: np.ndarray, own: float) -> dict[str, int]:
-    grid = sorted(set(TABLE_THRESHOLDS) | {round(own, 4)})
-    return {f"{t:g}": int((values >= t).sum()) for t in grid}
+    grid = sorted(set(TABLE_THRESHOLDS) | {own})
+    return {f"{t:.6g}": int((values >= t).sum()) for t in grid}
 
 
 def _histogram(values: np.ndarray) -> list[int]:
@@ -429,7 +428,7 @@ def format_summary(s: dict[str, Any]) -> str:
     best = s["best_similarity"]["at_threshold"]
     pairs = s["pairs_at_threshold"]
     for t in sorted(best, key=float):
-        mark = "  <- this run" if math.isclose(float(t), own) else ""
+        mark = "  <- this run" if t == f"{own:.6g}" else ""
         lines.append(f"  {t:>9}  {best[t]:>10}  {pairs.get(t, 0):>10}{mark}")
     hist, edges = s["best_similarity"]["histogram"], s["best_similarity"]["histogram_edges"]
     if hist and sum(hist):
