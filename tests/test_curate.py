@@ -275,3 +275,18 @@ def test_rerun_resumes_and_refuses_other_parameters(setup, reference, tmp_path):
         CurateParams(strategy="ads", pool=setup["pool"], labels=["a", "b"]).validate()
     with pytest.raises(UserError, match="needs --labels or --label-shards"):
         CurateParams(strategy="ds", pool=setup["pool"]).validate()
+
+
+def test_cli_user_errors_are_one_line(setup, tmp_path, capsys):
+    from clapscale.cli import main
+
+    base = ["curate", "--teacher", str(setup["root"] / "model"), "--pool", setup["pool"], "--out", str(tmp_path / "o")]
+    cases = [
+        (["--strategy", "ds"], "needs --labels or --label-shards"),
+        (["--strategy", "ds", "--labels", "dog,dog"], "at least two labels"),
+        (["--strategy", "du", "--wild", str(tmp_path / "none-*.tar")], "no file matches"),
+    ]
+    for extra, message in cases:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err

@@ -16,9 +16,16 @@ from clapscale.curate.run import STRATEGIES, CurateParams, Curator, format_summa
 
 
 def _labels(arg: str | None) -> list[str]:
+    from clapscale.errors import UserError
     from clapscale.eval.cli import _read_labels
+    from clapscale.eval.zeroshot import check_label_set
 
-    return _read_labels(arg) or []
+    if arg is None:
+        return []
+    try:
+        return check_label_set(_read_labels(arg) or [])
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def curate_main(argv: list[str]) -> int:
