@@ -179,7 +179,8 @@ class Curator:
             selected, ds_info = self._ds_selection(captions, cap_emb)
         self.captions = captions
         self.selected = selected
-        self.sel_emb = cap_emb[torch.as_tensor(selected, dtype=torch.long)]
+        # Kept on the device for the whole run: every wild shard is scored against it.
+        self.sel_emb = cap_emb[torch.as_tensor(selected, dtype=torch.long)].to(self.device)
         self.ds_best = ds_info.pop("best", None)
         self.ds_label = ds_info.pop("nearest_label", None)
         self.labels = ds_info.get("labels", [])
