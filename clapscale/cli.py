@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("clapscale.models.cli:export_hf_main", "export an HTSAT+RoBERTa model to a transformers ClapModel directory"),
     "import-hf": ("clapscale.models.cli:import_hf_main", "import a transformers ClapModel directory as a clapscale checkpoint"),
     "import-laion": ("clapscale.models.cli:import_laion_main", "import a whole laion_clap checkpoint (.pt) as a clapscale model"),
+    "curate": ("clapscale.curate.cli:curate_main", "curate an Improvement-Set (DU / DS / ADS) with a teacher CLAP into new shards"),
     "shards": ("clapscale.shards.cli:main", "build, verify or index shards (same as tools/make_shards.py)"),
     "k2c": ("clapscale.k2c.cli:k2c_main", "keyword-to-caption: captions from tags with a local T5 into a new shard set (--train: train one)"),
     "caption": ("clapscale.caption.cli:main", "train a tag-guided captioner, generate synthetic captions, score them"),

@@ -114,6 +114,24 @@ class AugmentConfig:
 
 
 @dataclass
+class ReplayConfig:
+    """Replay against forgetting (curation students): each training batch is, with probability
+    ``prob``, replaced by a batch of ``spec`` (the teacher's training set for DU, the DS set for ADS)."""
+
+    spec: str = ""  # shard spec of the replay set; empty = no replay
+    prob: float = 0.0
+
+    def validate(self, path: str) -> None:
+        if not 0.0 <= self.prob < 1.0:
+            raise ConfigError(f"{path}.prob must be in [0, 1) (1 would never train on data.train), got {self.prob}")
+        if bool(self.spec) != (self.prob > 0):
+            raise ConfigError(
+                f"{path}.spec={self.spec!r} with {path}.prob={self.prob}: give both (a shard spec and a "
+                "probability > 0) or neither"
+            )
+
+
+@dataclass
 class DataConfig:
     """Where training / evaluation samples come from and how they are batched."""
 
@@ -136,9 +154,16 @@ class DataConfig:
     # > 0: batches also carry each clip's picture (<key>.jpg) as "image" (B, 3, S, S), CLIP-normalised
     # at S x S (224 for CLIP ViT-B/32); samples without one are skipped. 0: audio and text only.
     image_size: int = 0
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def validate(self, path: str) -> None:
         _choice(f"{path}.backend", self.backend, ("wds", "dali"))
+        self.replay.validate(f"{path}.replay")
+        if self.replay.spec and self.backend == "dali":
+            raise ConfigError(
+                f"{path}.replay is not supported with {path}.backend=dali (its data position does not "
+                f"cover a second reader yet): use {path}.backend=wds for replay"
+            )
         _choice(
             f"{path}.caption",
             self.caption,

@@ -42,6 +42,8 @@ position, so a resumed run continues); ``skipped`` (reason -> count of bad sampl
 ``clapscale.data.wds.SKIP_REASONS``); ``warned`` (reason -> count of samples read with a coerced
 field, ``WARN_REASONS``); ``source_counts`` (training samples yielded per source, logged as realised
 shares at the end of every epoch); ``len(loader)`` (batches per epoch on this rank).
+
+``data.replay`` (wds backend) wraps the training loader in ``clapscale.data.replay.ReplayLoader``.
 """
 
 from __future__ import annotations
@@ -77,9 +79,16 @@ def build_loader(
         )
     from clapscale.data.wds import WdsLoader
 
-    return WdsLoader(
+    loader = WdsLoader(
         sources, cfg.audio, cfg.data, tokenizer=tokenizer, rank=rank, world_size=world_size, train=train
     )
+    if train and spec == cfg.data.train and cfg.data.replay.spec:
+        from clapscale.data.replay import ReplayLoader
+
+        replay = WdsLoader(parse_spec(cfg.data.replay.spec), cfg.audio, cfg.data, tokenizer=tokenizer,
+                           rank=rank, world_size=world_size, train=True)
+        return ReplayLoader(loader, replay, cfg.data.replay.prob, cfg.data.seed)
+    return loader
 
 
 __all__ = ["build_loader"]
