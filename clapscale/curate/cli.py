@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 from clapscale.curate.run import STRATEGIES, CurateParams, Curator, format_summary
 
 
@@ -53,7 +51,8 @@ def curate_main(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="output directory (a new shard set; rerun to resume)")
     args = p.parse_args(argv)
 
-    from clapscale.eval.cli import _device, check_writable
+    from clapscale.eval.cli import check_writable
+    from clapscale.eval.gather import command_ranks
     from clapscale.models.loading import load_trained_model
 
     params = CurateParams(
@@ -62,25 +61,10 @@ def curate_main(argv: list[str]) -> int:
         ds_top_k=args.ds_top_k, templates=args.template or [], batch_size=args.batch_size, workers=args.workers,
     ).validate()
     check_writable(os.path.join(args.out, "params.json"), "--out")
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = _device(args.device)
     model, cfg = load_trained_model(args.teacher)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if device.startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
+    with command_ranks(args.device) as (rank, world_size, device):
         summary = Curator(model, cfg, params, args.out, teacher_path=args.teacher, rank=rank,
                           world_size=world_size, device=device).run()
-    finally:
-        if world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if rank == 0:
         print(format_summary(summary))
         print(f"wrote {args.out} (manifest.json, summary.txt, {summary['counts']['kept_clips']} samples under train/)")

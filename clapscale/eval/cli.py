@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from clapscale.config import ConfigError
 from clapscale.errors import UserError
+from clapscale.eval.gather import command_ranks, default_device
 from clapscale.eval.zeroshot import check_label_set
 
 # Readable names for the metric keys in the printed table.
@@ -24,12 +24,6 @@ _LABELS = {
     "t2a": "text->audio",
     "a2t": "audio->text",
 }
-
-
-def _device(arg: str | None) -> str:
-    if arg:
-        return arg
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _split_labels(text: str) -> list[str]:
@@ -139,7 +133,6 @@ def eval_main(argv: list[str]) -> int:
     from clapscale.eval.gather import RankFailedError
     from clapscale.eval.runner import evaluate_tasks
 
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
         tasks = _split_labels(args.task or "retrieval,zeroshot")
         labels = _read_labels(args.labels)
@@ -166,29 +159,16 @@ def eval_main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError, ConfigError) as e:
         return _fail("eval", e)
 
-    device = _device(args.device)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if device.startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        results = evaluate_tasks(
-            model.to(device), cfg, rank=rank, world_size=world_size, device=device,
-            tasks=tasks, specs=specs, labels=labels,
-            # Default tasks on a caption-only set (Clotho, AudioCaps): report the retrieval it has.
-            skip_unlabelled=args.task is None,
-        )
-    except (ValueError, FileNotFoundError, RankFailedError) as e:
-        return _fail("eval", e)
-    finally:
-        if world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    with command_ranks(args.device) as (rank, world_size, device):
+        try:
+            results = evaluate_tasks(
+                model.to(device), cfg, rank=rank, world_size=world_size, device=device,
+                tasks=tasks, specs=specs, labels=labels,
+                # Default tasks on a caption-only set (Clotho, AudioCaps): report the retrieval it has.
+                skip_unlabelled=args.task is None,
+            )
+        except (ValueError, FileNotFoundError, RankFailedError) as e:
+            return _fail("eval", e)
     if rank == 0:
         print(format_results(results, args.checkpoint))
         skipped = [t for t in tasks if t not in {r.task for r in results}]
@@ -225,7 +205,7 @@ def embed_main(argv: list[str]) -> int:
 
     try:
         check_writable(args.out, "--out")
-        clap = load(args.checkpoint, device=_device(args.device))
+        clap = load(args.checkpoint, device=default_device(args.device))
         emb, failures = clap.embed_audio_files(args.files, batch_size=args.batch_size, progress=True)
     except (ValueError, FileNotFoundError) as e:
         return _fail("embed", e)
@@ -266,7 +246,7 @@ def zeroshot_main(argv: list[str]) -> int:
         labels = check_label_set(_read_labels(args.labels) or [])
         if args.out:
             check_writable(args.out, "--out")
-        clap = load(args.checkpoint, device=_device(args.device))
+        clap = load(args.checkpoint, device=default_device(args.device))
         probs, failures = clap.zero_shot_files(args.files, labels, templates=args.template,
                                                batch_size=args.batch_size, progress=len(args.files) > 1)
     except (ValueError, FileNotFoundError) as e:

@@ -150,3 +150,31 @@ def gather_rows(x: Tensor, world_size: int) -> Tensor:
     parts = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+
+def default_device(arg: str | None) -> str:
+    """``--device`` as given, else ``cuda`` when there is one, else ``cpu``."""
+    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def command_ranks(device_arg: str | None) -> Iterator[tuple[int, int, str]]:
+    """``(rank, world_size, device)`` of a command run plainly or under torchrun (``RANK``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``), as ``clapscale eval``, ``curate`` and ``k2c`` run: with more than
+    one rank the process group (nccl on CUDA, each rank on its ``cuda:LOCAL_RANK``; gloo otherwise)
+    is up inside the block and destroyed after it, whatever the block raises."""
+    import os
+
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = default_device(device_arg)
+    if world_size > 1:
+        if device.startswith("cuda"):
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            device = f"cuda:{local}"
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        yield rank, world_size, device
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()

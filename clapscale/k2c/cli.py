@@ -6,12 +6,10 @@ Runs on one process or under torchrun (each rank captions its share of the shard
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-import torch
-
 from clapscale.errors import UserError
+from clapscale.eval.gather import command_ranks, default_device
 
 EPILOG = """\
 examples:
@@ -63,10 +61,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(arg: str | None) -> str:
-    return arg or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def k2c_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.train:
@@ -91,7 +85,7 @@ def _train(args: argparse.Namespace) -> int:
         init_from=str(args.init_from) if args.init_from else None,
         warmup=min(100, max(args.steps // 10, 1)),
     )
-    result = train_k2c(args.shards, args.out, cfg, device=_device(args.device), progress=not args.quiet)
+    result = train_k2c(args.shards, args.out, cfg, device=default_device(args.device), progress=not args.quiet)
     print(f"k2c --train: {result.parameters} parameters, {result.pairs} (tags, caption) pairs, "
           f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}; saved to {args.out}")
     return 0
@@ -101,17 +95,7 @@ def _generate(args: argparse.Namespace) -> int:
     from clapscale.k2c.model import GenerationOptions, load_k2c_model
     from clapscale.k2c.stage import K2CStageOptions, run_k2c, summary_lines
 
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = _device(args.device)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if device.startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
+    with command_ranks(args.device) as (rank, world_size, device):
         k2c = load_k2c_model(args.model, device, args.prompt)
         opts = K2CStageOptions(
             shards=args.shards[0], out=args.out, batch_size=args.batch_size, seed=args.seed, splits=args.splits,
@@ -121,11 +105,6 @@ def _generate(args: argparse.Namespace) -> int:
                                          max_new_tokens=args.max_new_tokens),
         )
         summary = run_k2c(k2c, opts, rank=rank, world_size=world_size)
-    finally:
-        if world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if rank == 0:
         print(summary_lines(summary, args.out))
     return 0
