@@ -168,12 +168,10 @@ class CaptionTrainer:
     def _resume(self) -> None:
         from clapscale.train.checkpoint import restore_rng
 
-        choice = [str(p) if (p := self.checkpoints.resolve(self.cfg.train.resume)) else None]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(choice, src=0)
-        if choice[0] is None:
+        path = self.checkpoints.resolve_agreed(self.cfg.train.resume)
+        if path is None:
             return
-        state = self.checkpoints.load(self._state, Path(choice[0]))
+        state = self.checkpoints.load(self._state, path)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["data"])
         restore_rng(state["rng"])

@@ -161,6 +161,14 @@ class CheckpointManager:
             )
         return path
 
+    def resolve_agreed(self, resume: str) -> Path | None:
+        """Collective: ``resolve`` as rank 0 sees it, on every rank, so ranks never pick different
+        checkpoints while one is being written."""
+        choice = [str(p) if (p := self.resolve(resume)) else None]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] is not None else None
+
     # ---------------------------------------------------------------------------- saving
 
     def save(self, engine, step: int, state: dict[str, Any], config_yaml: str) -> Path:

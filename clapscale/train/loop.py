@@ -133,13 +133,9 @@ class Trainer:
         return self
 
     def _resume(self) -> None:
-        choice = [str(p) if (p := self.checkpoints.resolve(self.cfg.train.resume)) else None]
-        if dist.get_world_size() > 1:
-            # Rank 0 decides, so ranks never pick different checkpoints while one is being written.
-            dist.broadcast_object_list(choice, src=0)
-        if choice[0] is None:
+        path = self.checkpoints.resolve_agreed(self.cfg.train.resume)
+        if path is None:
             return
-        path = Path(choice[0])
         state = self.checkpoints.load(self.engine, path)
         self.step = int(state["step"])
         self.samples_seen = int(state["samples_seen"])
