@@ -130,7 +130,10 @@ def test_rerun_after_crash_between_rename_and_done_record(tmp_path, capsys):
 
 def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(TOOL), *ARGS, "--workers", "2", "--out", str(out)],
+    # 240 clips (60 units): on an idle machine 60 clips could finish between the second unit's
+    # record and the signal, and the run then rightly exited 0.
+    args = ["--synthetic", "240", "--shard-size", "4", "--quiet"]
+    proc = subprocess.Popen([sys.executable, str(TOOL), *args, "--workers", "2", "--out", str(out)],
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     try:
@@ -147,9 +150,9 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     assert proc.returncode == 130
     assert "Rerun the same command" in err and "Traceback" not in err
     _assert_final_tars_whole(out)
-    assert make_shards([*ARGS, "--out", str(out)]) == 0
+    assert make_shards([*args, "--out", str(out)]) == 0
     keys = _keys(out)
-    assert len(keys) == len(set(keys)) == 60
+    assert len(keys) == len(set(keys)) == 240
     assert verify_shards(out).ok
 
 
