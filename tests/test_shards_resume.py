@@ -133,8 +133,11 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     # 240 clips (60 units): on an idle machine 60 clips could finish between the second unit's
     # record and the signal, and the run then rightly exited 0.
     args = ["--synthetic", "240", "--shard-size", "4", "--quiet"]
+    # A terminal's child starts with Ctrl-C at its default; the test process's own disposition (a
+    # library may have set it to ignored, which a child would inherit) must not leak into it.
     proc = subprocess.Popen([sys.executable, str(TOOL), *args, "--workers", "2", "--out", str(out)],
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     try:
         while len(list((out / ".make_shards" / "train").glob("*.done.json"))) < 2:
