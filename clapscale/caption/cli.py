@@ -41,6 +41,15 @@ def train_main(argv: list[str]) -> int:
     cfg = load_caption_config(args.config, args.overrides)
     trainer = CaptionTrainer(cfg)
     out = trainer.train()
+    if out is None:  # SIGTERM / SIGUSR1: checkpoint written; ask launch/pretrain.sh to requeue
+        from clapscale.train.cli import EXIT_REQUEUE
+        from clapscale.train.distributed import request_requeue
+
+        request_requeue(trainer.denv)
+        if trainer.denv.is_main:
+            print(f"clapscale caption train: stopped by signal at step {trainer.step}; rerun (or requeue) "
+                  "to resume from its checkpoint", flush=True)
+        return EXIT_REQUEUE
     if trainer.denv.is_main:
         print(f"clapscale caption train: done at step {trainer.step}; captioner {out}", flush=True)
     return 0

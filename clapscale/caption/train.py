@@ -8,7 +8,9 @@ sampling, label-smoothed cross-entropy, AdamW with a linear-warmup-then-exponent
 
 Checkpoints use the trainer's ``CheckpointManager`` (atomic, by step, the last ``average_last``
 kept, every rank's data position and RNG), so ``train.resume=auto`` continues exactly where a run
-stopped. At the end rank 0 averages the weights of the last ``average_last`` checkpoints
+stopped. SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warning) stop every rank at the
+same step after a checkpoint, as in the CLAP trainer: ``train`` then returns None, ``stopped_by``
+is ``"signal"`` and the CLI exits with the requeue code. At the end rank 0 averages the weights of the last ``average_last`` checkpoints
 (stochastic weight averaging as in the paper: "averaging the last five checkpoints") and writes
 ``runs/<name>/captioner`` (``clapscale.caption.export``). Batch-norm statistics of a trained audio
 tower are averaged too rather than recomputed.
@@ -119,6 +121,7 @@ class CaptionTrainer:
         self.run_dir = Path(cfg.train.out_dir) / cfg.train.name
         self.step = 0
         self.losses: list[float] = []
+        self.stopped_by = ""  # "done" | "signal", set by train()
 
     def setup(self) -> "CaptionTrainer":
         from clapscale.data import build_loader
@@ -191,10 +194,18 @@ class CaptionTrainer:
                                for t in batch["texts"]]).to(self.device)
         return mel, is_longer, tags, tokens
 
-    def train(self) -> Path:
+    def _save(self) -> None:
+        from clapscale.train.checkpoint import capture_rng
+
+        self.checkpoints.save(self._state, self.step, {"step": self.step, "data": self.loader.state_dict(),
+                                                       "rng": capture_rng()}, self.cfg.to_yaml())
+
+    def train(self) -> Path | None:
+        """Train to ``train.steps`` and export the averaged captioner (its path); None when a signal
+        stopped the run after a checkpoint (``stopped_by == "signal"``; rerun to resume)."""
         from tqdm import tqdm
 
-        from clapscale.train.checkpoint import capture_rng
+        from clapscale.train.signals import StopSignals
 
         if not hasattr(self, "model"):
             self.setup()
@@ -204,33 +215,21 @@ class CaptionTrainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", disable=not self.denv.is_main,
                    desc="caption train")
         last_saved = self.step
-        while self.step < cfg.train.steps:
-            mel, is_longer, tags, tokens = self._inputs(next(batches))
-            self.model.sampling_prob = cfg.optim.scheduled_sampling * self.step / max(1, cfg.train.steps - 1)
-            loss = caption_loss(self.ddp(mel, is_longer, tags, tokens), tokens, cfg.optim.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.step += 1
-            mean = loss.detach().clone()
-            if dist.get_world_size() > 1:
-                dist.all_reduce(mean)
-                mean /= dist.get_world_size()
-            self.losses.append(float(mean))
-            bar.update(1)
-            if self.step % cfg.train.log_every == 0:
-                bar.set_postfix(loss=f"{float(mean):.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
-                self.checkpoints.save(self._state, self.step, {"step": self.step, "data": self.loader.state_dict(),
-                                                               "rng": capture_rng()}, cfg.to_yaml())
-                last_saved = self.step
+        with StopSignals(self.device) as signals:
+            while self.step < cfg.train.steps:
+                self._train_step(next(batches), bar)
+                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
+                    self._save()
+                    last_saved = self.step
+                if signals.agreed() is not None:
+                    break
         bar.close()
         if last_saved != self.step:
-            self.checkpoints.save(self._state, self.step, {"step": self.step, "data": self.loader.state_dict(),
-                                                           "rng": capture_rng()}, cfg.to_yaml())
+            self._save()
+        if self.step < cfg.train.steps:
+            self.stopped_by = "signal"
+            return None
+        self.stopped_by = "done"
         out = self.run_dir / "captioner"
         if self.denv.is_main:
             last = self.checkpoints.complete()[-cfg.train.average_last:]
@@ -239,6 +238,28 @@ class CaptionTrainer:
         if dist.get_world_size() > 1:
             dist.barrier()
         return out
+
+    def _train_step(self, batch: dict[str, Any], bar) -> None:
+        """One optimizer step on ``batch`` (every rank), its rank-averaged loss logged."""
+        cfg = self.cfg
+        mel, is_longer, tags, tokens = self._inputs(batch)
+        self.model.sampling_prob = cfg.optim.scheduled_sampling * self.step / max(1, cfg.train.steps - 1)
+        loss = caption_loss(self.ddp(mel, is_longer, tags, tokens), tokens, cfg.optim.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        mean = loss.detach().clone()
+        if dist.get_world_size() > 1:
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        self.losses.append(float(mean))
+        bar.update(1)
+        if self.step % cfg.train.log_every == 0:
+            bar.set_postfix(loss=f"{float(mean):.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
 
 
 def _seed(seed: int) -> None:
