@@ -267,18 +267,26 @@ def decode_sample(
         **texts,
     }
     if data_cfg.image_size:
-        out["image"] = sample_image(raw, data_cfg.image_size)
+        out["image"] = sample_image(raw, data_cfg.image_size, meta.get("frames", 1), rng)
     return out
 
 
-def sample_image(raw: dict[str, Any], size: int) -> np.ndarray:
-    """The sample's ``.jpg`` as a CLIP-normalised ``(3, size, size)`` array; ``SkipSample`` if absent or bad."""
+def sample_image(raw: dict[str, Any], size: int, frames: Any = 1, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The sample's ``.jpg`` as a CLIP-normalised ``(3, size, size)`` array; ``SkipSample`` if absent or bad.
+
+    A video's ``.jpg`` is a strip of ``frames`` tiles (shards/video.py): training (``rng``) draws one
+    tile per sample and epoch, evaluation takes tile ``(frames - 1) // 2``.
+    """
     from clapscale.data.images import decode_image
+    from clapscale.shards.video import eval_frame
 
     if not raw.get("jpg"):
         raise SkipSample("missing_image", "absent or 0-byte .jpg member (data.image_size asks for images)")
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+        raise SkipSample("bad_image", f"'frames' in the JSON is {frames!r}, not a positive integer")
+    tile = eval_frame(frames) if rng is None else int(rng.integers(0, frames))
     try:
-        return decode_image(raw["jpg"], size)
+        return decode_image(raw["jpg"], size, tile=tile, tiles=frames)
     except ValueError as e:
         raise SkipSample("bad_image", str(e)) from e
 

@@ -153,14 +153,24 @@ def build_sample(index: int, item: Item, max_seconds: float | None) -> Outcome:
                 record["image"] = synthetic.render_picture(record["tag"], item.split, item.synthetic_index,
                                                            item.synthetic_seed)
         else:
-            # Decoded, resampled and encoded in blocks: a clip costs its FLAC bytes, whatever its length.
-            audio = encode_flac_stream(iter_audio(item.path, SAMPLE_RATE, max_seconds))
-            if max_seconds is not None:
-                info = sf.info(item.path)
-                if info.duration > max_seconds:
-                    truncated_from = round(info.duration, 6)
+            frames = None
+            if item.video_frames:
+                # A video: its audio track and a strip of frames (shards/video.py).
+                from clapscale.shards.video import read_video
+
+                wave, frames = read_video(item.path, SAMPLE_RATE, max_seconds, item.video_frames, item.frame_size)
+                audio = encode_flac_stream([wave])
+            else:
+                # Decoded, resampled and encoded in blocks: a clip costs its FLAC bytes, whatever its length.
+                audio = encode_flac_stream(iter_audio(item.path, SAMPLE_RATE, max_seconds))
+                if max_seconds is not None:
+                    info = sf.info(item.path)
+                    if info.duration > max_seconds:
+                        truncated_from = round(info.duration, 6)
             record = {"audio": audio, "text": item.text, "tag": item.tag, "source": item.source,
                       "original": item.original, **item.extra}
+            if frames is not None:
+                record["image"], record["frames"] = frames, item.video_frames
             if item.licence:
                 record["licence"] = item.licence
             if item.image:

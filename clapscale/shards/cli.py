@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="--synthetic: corpus seed (default 0)")
     p.add_argument("--synthetic-images", action="store_true",
                    help="--synthetic: store with each clip a rendered picture of its sound classes (<key>.jpg)")
+    p.add_argument("--video-frames", type=int, default=0, metavar="K",
+                   help="--from-dir: take video files too (.mp4 .mkv .webm .mov ...): their audio track and K frames "
+                        "at equal spacing, stored as one <key>.jpg strip (VIP-ANT samples 4; default 0: skip videos)")
+    p.add_argument("--frame-size", type=int, default=224, metavar="PIXELS",
+                   help="--video-frames: side of each stored square frame, a multiple of 16 (default 224, CLIP's)")
     p.add_argument("--shuffle-seed", type=int, default=0,
                    help="seed of the clip order within each split (default 0; --synthetic keeps its own random order)")
     p.add_argument("--no-shuffle", action="store_true",
@@ -83,7 +88,7 @@ def _items(args: argparse.Namespace) -> list[sources.Item]:
     if (args.drop_mids or args.exclude_ytids is not None) and args.preset is None:
         raise sources.SourceError("--drop-mids and --exclude-ytids apply to --preset audioset only")
     if args.from_dir is not None:
-        items = sources.from_dir(args.from_dir, args.split)
+        items = sources.from_dir(args.from_dir, args.split, args.video_frames, args.frame_size)
     elif args.from_manifest is not None:
         items = sources.from_manifest(args.from_manifest, args.root, args.split)
     elif args.synthetic is not None:
@@ -183,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
             or args.clip_timeout < 0):
         print("make_shards: --shard-size must be >= 1, --workers >= 0, --max-seconds > 0 and --clip-timeout >= 0",
               file=sys.stderr)
+        return 2
+    if args.video_frames < 0 or args.frame_size < 16 or args.frame_size % 16:
+        print("make_shards: --video-frames must be >= 0 and --frame-size a multiple of 16 (>= 16), got "
+              f"{args.video_frames} and {args.frame_size}", file=sys.stderr)
         return 2
     try:
         items = _items(args)

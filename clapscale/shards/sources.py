@@ -49,6 +49,8 @@ class Item:
     key: str = ""  # assigned by ``assign_keys``
     image: str | None = None  # a JPEG stored with the clip as <key>.jpg (manifest column ``image``)
     synthetic_image: bool = False  # synthetic clips: store the rendered picture of their classes
+    video_frames: int = 0  # > 0: ``path`` is a video; its audio track and this many frames (shards/video.py)
+    frame_size: int = 224  # pixels of each stored frame tile (video)
 
     def fail(self, code: str, reason: str) -> "Item":
         self.reject_code, self.reject = code, reason
@@ -57,7 +59,8 @@ class Item:
     def fingerprint(self) -> list[Any]:
         return ([self.split, self.original, self.path, self.text, self.tag, self.licence, self.extra,
                 self.synthetic_index, self.synthetic_seed, self.reject, self.key]
-                + ([self.image] if self.image else []) + (["synthetic_image"] if self.synthetic_image else []))
+                + ([self.image] if self.image else []) + (["synthetic_image"] if self.synthetic_image else [])
+                + ([self.video_frames, self.frame_size] if self.video_frames else []))
 
 
 # ----------------------------------------------------------------------------- captions
@@ -122,8 +125,12 @@ def _text_problem(texts: Iterable[str]) -> str | None:
 
 # ----------------------------------------------------------------------------- folder
 
-def from_dir(root: Path, split: str = "train") -> list[Item]:
-    """Every audio file under ``root`` (sorted, hidden files skipped), captioned from its path."""
+def from_dir(root: Path, split: str = "train", video_frames: int = 0, frame_size: int = 224) -> list[Item]:
+    """Every audio file under ``root`` (sorted, hidden files skipped), captioned from its path; with
+    ``video_frames`` > 0 video files too (their audio track and that many frames: shards/video.py)."""
+    from clapscale.shards.video import VIDEO_EXTENSIONS
+
+    wanted = AUDIO_EXTENSIONS | (VIDEO_EXTENSIONS if video_frames > 0 else frozenset())
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"--from-dir {root}: not a directory")
@@ -132,11 +139,14 @@ def from_dir(root: Path, split: str = "train") -> list[Item]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.startswith(".") or Path(name).suffix.lower() not in AUDIO_EXTENSIONS:
+            suffix = Path(name).suffix.lower()
+            if name.startswith(".") or suffix not in wanted:
                 continue
             full = os.path.join(dirpath, name)
             rel = os.path.relpath(full, root)
             item = Item(split=split, original=rel, path=full, source=f"dir:{root.name}")
+            if suffix not in AUDIO_EXTENSIONS:
+                item.video_frames, item.frame_size = video_frames, frame_size
             if _has_surrogates(rel):
                 item.original = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                 item.fail("bad_text_encoding", f"file name is not valid UTF-8: {os.fsencode(rel)!r}")
