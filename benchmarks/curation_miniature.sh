@@ -39,26 +39,26 @@ curate --strategy ads --wild "$WILD" --label-shards "$VAL" --ds-threshold "$DS_T
 
 student=("train.init_from=$OUT/runs/teacher/model" "train.steps=$SSTEPS")
 sl=(loss.kind=soft_label "loss.teacher=$OUT/runs/teacher/model")
-train configs/student-du.yaml train.name=control "data.train=$TEACHER_SET" data.replay.prob=0 "${student[@]}"
+train configs/student-du.yaml train.name=control "data.train=$TEACHER_SET" "data.replay.spec=" data.replay.prob=0 "${student[@]}"
 train configs/student-du.yaml train.name=du "data.train=$OUT/du/train/*.tar" "data.replay.spec=$TEACHER_SET" "${student[@]}"
 train configs/student-du.yaml train.name=du-sl "data.train=$OUT/du/train/*.tar" "data.replay.spec=$TEACHER_SET" \
   "${sl[@]}" "${student[@]}"
-train configs/student-ads-sl.yaml train.name=ds-sl "data.train=$OUT/ds/train/*.tar" data.replay.prob=0 \
+train configs/student-ads-sl.yaml train.name=ds-sl "data.train=$OUT/ds/train/*.tar" "data.replay.spec=" data.replay.prob=0 \
   "loss.teacher=$OUT/runs/teacher/model" "${student[@]}"
 train configs/student-du.yaml train.name=ads "data.train=$OUT/ads/train/*.tar" "data.replay.spec=$OUT/ds/train/*.tar" \
   "${student[@]}"
 train configs/student-ads-sl.yaml train.name=ads-sl "data.train=$OUT/ads/train/*.tar" \
   "data.replay.spec=$OUT/ds/train/*.tar" "loss.teacher=$OUT/runs/teacher/model" "${student[@]}"
 train configs/student-du.yaml train.name=full-data "data.train=$SHARDS/train/{000000..000003}.tar" \
-  data.replay.prob=0 "${student[@]}"
+  "data.replay.spec=" data.replay.prob=0 "${student[@]}"
 
 "$PY" - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 for name in ("du", "ds", "ads"):
-    m = json.loads((out / name / "manifest.json").read_text())
-    print(name, "kept:", {k: v for k, v in m.get("counts", m).items() if isinstance(v, (int, float))})
+    c = json.loads((out / name / "manifest.json").read_text())["curation"]
+    print(name, c["counts"], "pairs at thresholds:", c["pairs_at_threshold"])
 rows = [("teacher", "teacher (shard 000000 only)"), ("control", "control: more steps on the teacher's set"),
         ("du", "DU (replay teacher set)"), ("du-sl", "DU+SL"), ("ds-sl", "DS+SL (no replay)"),
         ("ads", "ADS (replay DS set)"), ("ads-sl", "ADS+SL"), ("full-data", "full data (wild captions revealed)")]
