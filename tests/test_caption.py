@@ -301,39 +301,53 @@ def test_stage_recipes_chain_through_init_from():
 
 
 @pytest.mark.slow
-def test_sigusr1_to_one_rank_stops_both_after_a_checkpoint_and_a_rerun_finishes(corpus, tmp_path):
+def test_sigusr1_to_one_rank_stops_both_and_the_resumed_run_exports_the_uninterrupted_captioner(corpus, tmp_path):
     """As under Slurm: a signal that reaches one rank of ``caption train`` on 2 gloo ranks stops both at
-    the same step after a checkpoint, writes the requeue marker, exports nothing; a rerun resumes."""
+    the same step after a checkpoint (off the checkpoint grid), writes the requeue marker and exports
+    nothing; the rerun resumes and exports, bit for bit, the captioner of an uninterrupted run (the
+    stop checkpoint is never averaged)."""
     import signal
     import time
 
     import psutil
+    from safetensors.torch import load_file
 
     marker = tmp_path / "requeue"
     (tmp_path / "recipe.yaml").write_text("train:\n  log_every: 1\n")
-    args = ["train", str(tmp_path / "recipe.yaml"), *_recipe(corpus, "train.name=sig", "train.steps=60", "train.checkpoint_every=1", "train.log_every=1")]
+
+    def args(name: str) -> list[str]:
+        return ["train", str(tmp_path / "recipe.yaml"),
+                *_recipe(corpus, f"train.name={name}", "train.steps=60", "train.checkpoint_every=30", "train.average_last=2")]
+
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "clapscale.caption.cli", *args]
+           "--master_port", str(_free_port()), "-m", "clapscale.caption.cli", *args("sig")]
     env = dict(_env(), CLAPSCALE_REQUEUE_FILE=str(marker))
     ckpts = corpus / "runs" / "sig" / "checkpoints"
     with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         deadline = time.monotonic() + 180
-        while not (ckpts / "step_00000002").is_dir() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        # The export averages steps 30 and 60: a stop checkpoint between them must not displace 30.
+        while not (ckpts / "step_00000030").is_dir() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         workers = [p for p in psutil.Process(proc.pid).children() if "clapscale.caption.cli" in " ".join(p.cmdline())]
-        assert len(workers) == 2, proc.poll()
+        assert len(workers) == 2
+        time.sleep(0.3)  # a few steps past 30: the stop lands off the grid
         workers[-1].send_signal(signal.SIGUSR1)
         out, _ = proc.communicate(timeout=180)
     assert marker.is_file(), out[-3000:]
-    assert "stopped by signal at step" in out
     stopped_at = int(out.split("stopped by signal at step ")[1].split(";")[0])
-    assert 2 <= stopped_at < 60
-    assert f"step_{stopped_at:08d}" == sorted(p.name for p in ckpts.iterdir())[-1]
+    assert 30 < stopped_at < 60
+    assert sorted(p.name for p in ckpts.iterdir())[-1] == f"step_{stopped_at:08d}"
     assert not (corpus / "runs" / "sig" / "captioner").exists()
 
     marker.unlink()
-    done = _cli(2, [*args[:-2], "train.checkpoint_every=100", "train.log_every=1"], timeout=400)  # resumes, exports
+    done = _cli(2, args("sig"), timeout=400)  # resumes, then exports
     assert "done at step 60" in done.stdout and not marker.exists()
-    assert (corpus / "runs" / "sig" / "captioner" / "captioner.safetensors").is_file()
     assert len(json.loads((corpus / "runs" / "sig" / "losses.json").read_text())) == 60 - stopped_at
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000030", "step_00000060"]  # stop one dropped
+    _cli(2, args("ref"), timeout=400)
+    got = load_file(str(corpus / "runs" / "sig" / "captioner" / "captioner.safetensors"))
+    want = load_file(str(corpus / "runs" / "ref" / "captioner" / "captioner.safetensors"))
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k

@@ -2,8 +2,9 @@
 video's audio track and K equally spaced frames, and the loader hands training a random frame and
 evaluation the second of four (VIP-ANT's sparse sampling).
 
-The fixture video is written here with PyAV (MPEG-4 part 2 video, AAC audio in an .mp4): 2 s at 8 fps,
-pure red frames for the first second and pure blue after it, a 440 Hz tone at 44.1 kHz in stereo.
+The fixture videos are written here with PyAV: 2 s at 8 fps in four 0.5 s colour segments (red, green,
+blue, yellow), a 440 Hz tone at 44.1 kHz in stereo; an MPEG-4/AAC .mp4 starting at 0, and an MPEG-2
+program stream (.mpg) whose timestamps start at 10 s, as such files usually do.
 """
 
 from __future__ import annotations
@@ -22,30 +23,40 @@ import soundfile as sf
 
 av = pytest.importorskip("av")
 REPO = Path(__file__).resolve().parents[1]
-RED, BLUE = (230, 20, 20), (20, 20, 230)
+COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20)]  # red, green, blue, yellow
 
 
-def _write_video(path: Path, seconds: float = 2.0, fps: int = 8, audio: bool = True) -> None:
+def _write_video(path: Path, seconds: float = 2.0, fps: int = 8, audio: bool = True, offset: int = 0,
+                 vcodec: str = "mpeg4", acodec: str = "aac") -> None:
     with av.open(str(path), "w") as out:
-        vs = out.add_stream("mpeg4", rate=fps)
+        vs = out.add_stream(vcodec, rate=fps)
         vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
         if audio:
-            ast = out.add_stream("aac", rate=44100)
+            ast = out.add_stream(acodec, rate=44100)
             ast.layout = "stereo"
-        for i in range(int(seconds * fps)):
+        n = int(seconds * fps)
+        for i in range(n):
             rgb = np.zeros((48, 64, 3), np.uint8)
-            rgb[:] = RED if i < fps * seconds / 2 else BLUE
-            for packet in vs.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            rgb[:] = COLOURS[i * 4 // n]
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = i + offset * fps, Fraction(1, fps)
+            for packet in vs.encode(frame):
                 out.mux(packet)
         for packet in vs.encode():
             out.mux(packet)
         if audio:
             t = np.arange(int(seconds * 44100)) / 44100
             tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-            for start in range(0, tone.size, 1024):
-                block = np.stack([tone[start:start + 1024]] * 2)
-                frame = av.AudioFrame.from_ndarray(block, format="fltp", layout="stereo")
-                frame.sample_rate, frame.pts, frame.time_base = 44100, start, Fraction(1, 44100)
+            size = ast.codec_context.frame_size or 1024
+            for start in range(0, tone.size - size + 1, size):
+                block = np.stack([tone[start:start + size]] * 2)
+                if acodec == "mp2":
+                    frame = av.AudioFrame.from_ndarray((block.T.reshape(1, -1) * 3e4).astype(np.int16), format="s16",
+                                                       layout="stereo")
+                else:
+                    frame = av.AudioFrame.from_ndarray(block, format="fltp", layout="stereo")
+                frame.sample_rate, frame.time_base = 44100, Fraction(1, 44100)
+                frame.pts = start + offset * 44100
                 for packet in ast.encode(frame):
                     out.mux(packet)
             for packet in ast.encode():
@@ -64,15 +75,26 @@ def video_shards(tmp_path_factory):
     (src / "birds").mkdir(parents=True)
     _write_video(src / "birds" / "robin_song.mp4")
     _write_video(src / "birds" / "silent_film.mp4", audio=False)
+    (src / "late").mkdir()
+    _write_video(src / "late" / "broadcast_clip.mpg", offset=10, vcodec="mpeg2video", acodec="mp2")
     proc = _make_shards(src, root / "shards", "--video-frames", "4", "--frame-size", "32")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return root
 
 
-def _members(shards: Path) -> dict[str, bytes]:
-    (tar,) = sorted((shards / "train").glob("*.tar"))
-    with tarfile.open(tar) as tf:
-        return {m.name.split(".", 1)[1]: tf.extractfile(m).read() for m in tf if m.isfile()}
+def _samples(shards: Path) -> dict[str, dict[str, bytes]]:
+    """Caption -> {extension: bytes} of every sample in the set's train split."""
+    out: dict[str, dict[str, bytes]] = {}
+    for tar in sorted((shards / "train").glob("*.tar")):
+        with tarfile.open(tar) as tf:
+            groups: dict[str, dict[str, bytes]] = {}
+            for m in tf:
+                if m.isfile():
+                    key, ext = m.name.split(".", 1)
+                    groups.setdefault(key, {})[ext] = tf.extractfile(m).read()
+        for members in groups.values():
+            out[json.loads(members["json"])["text"][0]] = members
+    return out
 
 
 def _tile_colours(jpg: bytes, tiles: int) -> list[tuple[int, ...]]:
@@ -84,18 +106,21 @@ def _tile_colours(jpg: bytes, tiles: int) -> list[tuple[int, ...]]:
 
 
 def test_video_becomes_audio_track_and_a_strip_of_four_equally_spaced_frames(video_shards):
-    members = _members(video_shards / "shards")
-    meta = json.loads(members["json"])
-    assert meta["frames"] == 4 and meta["text"] == ["birds robin song"]
-    # Frames at 0.25, 0.75, 1.25, 1.75 s of 2 s: red, red, blue, blue.
-    colours = _tile_colours(members["jpg"], 4)
-    for colour, want in zip(colours, (RED, RED, BLUE, BLUE)):
-        assert np.abs(np.subtract(colour, want)).max() < 25, colours
-    # The audio track: mono 48 kHz FLAC of ~2 s holding the 440 Hz tone (AAC adds priming at most).
-    wave, sr = sf.read(io.BytesIO(members["flac"]), dtype="float32")
-    assert sr == 48000 and wave.ndim == 1 and 1.95 < wave.size / sr < 2.1
-    spectrum = np.abs(np.fft.rfft(wave[4800:-4800]))
-    assert abs(np.argmax(spectrum) * sr / (wave.size - 9600) - 440) < 3
+    samples = _samples(video_shards / "shards")
+    assert sorted(samples) == ["birds robin song", "late broadcast clip"]
+    for caption, members in samples.items():
+        meta = json.loads(members["json"])
+        assert meta["video_frames"] == 4, caption
+        # Frames at 0.25, 0.75, 1.25, 1.75 s from the stream's start: one per colour segment, in order
+        # (the .mpg's timestamps start at 10 s).
+        colours = _tile_colours(members["jpg"], 4)
+        for colour, want in zip(colours, COLOURS):
+            assert np.abs(np.subtract(colour, want)).max() < 30, (caption, colours)
+        # The audio track: mono 48 kHz FLAC of ~2 s holding the 440 Hz tone (codec priming at most).
+        wave, sr = sf.read(io.BytesIO(members["flac"]), dtype="float32")
+        assert sr == 48000 and wave.ndim == 1 and 1.9 < wave.size / sr < 2.1, caption
+        spectrum = np.abs(np.fft.rfft(wave[4800:-4800]))
+        assert abs(np.argmax(spectrum) * sr / (wave.size - 9600) - 440) < 3, caption
     # The verifier accepts the shard (a strip is one .jpg) and the video without sound is rejected.
     ok = subprocess.run([sys.executable, "tools/make_shards.py", "--verify", str(video_shards / "shards")],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -111,19 +136,36 @@ def test_loader_draws_a_frame_per_sample_in_training_and_the_second_of_four_in_e
     from clapscale.data.wds import decode_sample
 
     cfg = load_config(None, ["data.image_size=32"])
-    (tar,) = sorted((video_shards / "shards" / "train").glob("*.tar"))
-    (raw,) = list(iter_tar_samples(str(tar), lambda *a: None))
+    raws = [r for tar in sorted((video_shards / "shards" / "train").glob("*.tar"))
+            for r in iter_tar_samples(str(tar), lambda *a: None)]
+    (raw,) = [r for r in raws if b"robin" in r["json"]]
 
-    def colour(image: np.ndarray) -> str:
-        rgb = image.mean(axis=(1, 2)) * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN)
-        return "red" if rgb[0] > rgb[2] else "blue"
+    def colour(image: np.ndarray) -> int:
+        rgb = (image.mean(axis=(1, 2)) * np.asarray(CLIP_STD) + np.asarray(CLIP_MEAN)) * 255
+        return int(np.argmin([np.abs(rgb - np.asarray(c)).max() for c in COLOURS]))
 
-    assert colour(decode_sample(raw, cfg.audio, cfg.data, epoch=0, train=False)["image"]) == "red"  # tile 1
-    seen = [colour(decode_sample(raw, cfg.audio, cfg.data, epoch=e, train=True)["image"]) for e in range(24)]
-    assert 6 <= seen.count("red") <= 18, seen  # tiles 0-1 red, 2-3 blue, drawn per epoch
+    assert colour(decode_sample(raw, cfg.audio, cfg.data, epoch=0, train=False)["image"]) == 1  # the second
+    seen = [colour(decode_sample(raw, cfg.audio, cfg.data, epoch=e, train=True)["image"]) for e in range(32)]
+    assert set(seen) == {0, 1, 2, 3}, seen  # one of the four frames, drawn per epoch
     # The same seed, epoch and key draw the same frame.
-    again = [colour(decode_sample(raw, cfg.audio, cfg.data, epoch=e, train=True)["image"]) for e in range(24)]
+    again = [colour(decode_sample(raw, cfg.audio, cfg.data, epoch=e, train=True)["image"]) for e in range(32)]
     assert again == seen
+
+
+def test_max_seconds_cuts_a_video_and_records_it(tmp_path):
+    (tmp_path / "src").mkdir()
+    _write_video(tmp_path / "src" / "long_take.mp4")
+    proc = _make_shards(tmp_path / "src", tmp_path / "out", "--video-frames", "2", "--frame-size", "16",
+                        "--max-seconds", "1.0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (members,) = _samples(tmp_path / "out").values()
+    meta = json.loads(members["json"])
+    assert meta["truncated_from"] == pytest.approx(2.0, abs=0.05)
+    wave, sr = sf.read(io.BytesIO(members["flac"]), dtype="float32")
+    assert wave.size == sr  # the first second only
+    # Two frames over the first second (0.25 s, 0.75 s): red and green.
+    for colour, want in zip(_tile_colours(members["jpg"], 2), COLOURS[:2]):
+        assert np.abs(np.subtract(colour, want)).max() < 30
 
 
 def test_bad_video_options_are_one_line_errors(tmp_path):

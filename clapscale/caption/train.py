@@ -10,7 +10,9 @@ Checkpoints use the trainer's ``CheckpointManager`` (atomic, by step, the last `
 kept, every rank's data position and RNG), so ``train.resume=auto`` continues exactly where a run
 stopped. SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warning) stop every rank at the
 same step after a checkpoint, as in the CLAP trainer: ``train`` then returns None, ``stopped_by``
-is ``"signal"`` and the CLI exits with the requeue code. At the end rank 0 averages the weights of the last ``average_last`` checkpoints
+is ``"signal"`` and the CLI exits with the requeue code. Such a checkpoint is off the
+``checkpoint_every`` grid: it serves only to resume and is never averaged, so a preempted run
+exports the same captioner as an uninterrupted one. At the end rank 0 averages the weights of the last ``average_last`` checkpoints
 (stochastic weight averaging as in the paper: "averaging the last five checkpoints") and writes
 ``runs/<name>/captioner`` (``clapscale.caption.export``). Batch-norm statistics of a trained audio
 tower are averaged too rather than recomputed.
@@ -160,7 +162,9 @@ class CaptionTrainer:
             self.optimizer, WarmupExponential(o.lr, o.final_lr, o.warmup_steps, cfg.train.steps))
         self.frontend = AudioFrontend(cfg.audio).to(self.device)
         self.loader = build_loader(cfg, cfg.data.train, rank=denv.rank, world_size=denv.world_size, train=True)
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.average_last,
+        # One slot beyond the average: a checkpoint written on a signal (off the checkpoint_every grid)
+        # never pushes out one of the grid checkpoints the export averages.
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.train.average_last + 1,
                                              denv.rank, denv.world_size)
         self.checkpoints.remove_partial()
         self._state = _TorchCheckpointable(self.model, self.optimizer, self.scheduler, denv.rank)
@@ -194,11 +198,26 @@ class CaptionTrainer:
                                for t in batch["texts"]]).to(self.device)
         return mel, is_longer, tags, tokens
 
+    def _on_grid(self, step: int) -> bool:
+        """A checkpoint the export may average (every ``checkpoint_every`` steps, and the last)."""
+        return step % self.cfg.train.checkpoint_every == 0 or step == self.cfg.train.steps
+
+    def _grid_checkpoints(self) -> list[Path]:
+        return [p for p in self.checkpoints.complete() if self._on_grid(int(p.name.split("_")[1]))]
+
     def _save(self) -> None:
+        """Collective: a checkpoint of this step. Rank 0 then deletes older off-grid checkpoints
+        (written on a signal, only for resuming), so preemptions never change what is averaged."""
+        import shutil
+
         from clapscale.train.checkpoint import capture_rng
 
-        self.checkpoints.save(self._state, self.step, {"step": self.step, "data": self.loader.state_dict(),
-                                                       "rng": capture_rng()}, self.cfg.to_yaml())
+        newest = self.checkpoints.save(self._state, self.step, {"step": self.step, "data": self.loader.state_dict(),
+                                                                "rng": capture_rng()}, self.cfg.to_yaml())
+        if self.denv.is_main:
+            for old in self.checkpoints.complete():
+                if old != newest and not self._on_grid(int(old.name.split("_")[1])):
+                    shutil.rmtree(old, ignore_errors=True)
 
     def train(self) -> Path | None:
         """Train to ``train.steps`` and export the averaged captioner (its path); None when a signal
@@ -215,24 +234,24 @@ class CaptionTrainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, unit="step", disable=not self.denv.is_main,
                    desc="caption train")
         last_saved = self.step
-        with StopSignals(self.device) as signals:
+        with StopSignals(self.device) as signals:  # held through the last save: a second signal waits
             while self.step < cfg.train.steps:
                 self._train_step(next(batches), bar)
-                if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.steps:
+                if self._on_grid(self.step):
                     self._save()
                     last_saved = self.step
                 if signals.agreed() is not None:
                     break
-        bar.close()
-        if last_saved != self.step:
-            self._save()
+            bar.close()
+            if last_saved != self.step:
+                self._save()
         if self.step < cfg.train.steps:
             self.stopped_by = "signal"
             return None
         self.stopped_by = "done"
         out = self.run_dir / "captioner"
         if self.denv.is_main:
-            last = self.checkpoints.complete()[-cfg.train.average_last:]
+            last = self._grid_checkpoints()[-cfg.train.average_last:]
             save_captioner(average_checkpoints(last), cfg, self.vocab, out)
             (self.run_dir / "losses.json").write_text(json.dumps(self.losses))
         if dist.get_world_size() > 1:

@@ -267,7 +267,7 @@ def decode_sample(
         **texts,
     }
     if data_cfg.image_size:
-        out["image"] = sample_image(raw, data_cfg.image_size, meta.get("frames", 1), rng)
+        out["image"] = sample_image(raw, data_cfg.image_size, meta.get("video_frames", 1), rng)
     return out
 
 
@@ -283,7 +283,7 @@ def sample_image(raw: dict[str, Any], size: int, frames: Any = 1, rng: np.random
     if not raw.get("jpg"):
         raise SkipSample("missing_image", "absent or 0-byte .jpg member (data.image_size asks for images)")
     if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
-        raise SkipSample("bad_image", f"'frames' in the JSON is {frames!r}, not a positive integer")
+        raise SkipSample("bad_image", f"'video_frames' in the JSON is {frames!r}, not a positive integer")
     tile = eval_frame(frames) if rng is None else int(rng.integers(0, frames))
     try:
         return decode_image(raw["jpg"], size, tile=tile, tiles=frames)

@@ -158,8 +158,11 @@ def build_sample(index: int, item: Item, max_seconds: float | None) -> Outcome:
                 # A video: its audio track and a strip of frames (shards/video.py).
                 from clapscale.shards.video import read_video
 
-                wave, frames = read_video(item.path, SAMPLE_RATE, max_seconds, item.video_frames, item.frame_size)
+                wave, frames, seconds = read_video(item.path, SAMPLE_RATE, max_seconds, item.video_frames,
+                                                   item.frame_size)
                 audio = encode_flac_stream([wave])
+                if max_seconds is not None and seconds > max_seconds:
+                    truncated_from = round(seconds, 6)
             else:
                 # Decoded, resampled and encoded in blocks: a clip costs its FLAC bytes, whatever its length.
                 audio = encode_flac_stream(iter_audio(item.path, SAMPLE_RATE, max_seconds))
@@ -170,7 +173,7 @@ def build_sample(index: int, item: Item, max_seconds: float | None) -> Outcome:
             record = {"audio": audio, "text": item.text, "tag": item.tag, "source": item.source,
                       "original": item.original, **item.extra}
             if frames is not None:
-                record["image"], record["frames"] = frames, item.video_frames
+                record["image"], record["video_frames"] = frames, item.video_frames
             if item.licence:
                 record["licence"] = item.licence
             if item.image:
