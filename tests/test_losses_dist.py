@@ -141,18 +141,22 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("loss_dist")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
+def run_gloo_workers(worker, out, world: int, timeout: float = 120) -> list:
+    """Spawn ``worker(rank, port, out_dir)`` on ``world`` processes (bounded) and load each rank's
+    ``rank{r}.pt``; shared by the loss tests that compare gloo ranks with one process."""
+    ctx = mp.start_processes(worker, args=(_free_port(), str(out)), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("gloo loss workers did not finish within 120 s")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+            pytest.fail(f"gloo loss workers did not finish within {timeout:g} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return run_gloo_workers(_worker, tmp_path_factory.mktemp("loss_dist"), WORLD)
 
 
 @pytest.mark.slow

@@ -2,18 +2,16 @@
 whose loss and every parameter gradient equal a single-process computation over the global batch."""
 
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from clapscale.config import ConfigError, LossConfig
 from clapscale.losses import ClipLoss, PairwiseInfoNCE, build_loss, pair_name
+from test_losses_dist import run_gloo_workers
 
 WORLD = 2
 B = 3  # per rank
@@ -121,24 +119,9 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("trimodal_loss_dist")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("gloo loss workers did not finish within 120 s")
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_gloo_workers(_worker, tmp_path_factory.mktemp("trimodal_loss_dist"), WORLD)
 
 
 @pytest.mark.slow

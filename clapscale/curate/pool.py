@@ -42,32 +42,31 @@ def shard_metas(url: str) -> list[tuple[str, dict]]:
     return out
 
 
-def collect_captions(urls: Sequence[str], rank: int, world_size: int) -> list[str]:
-    """Sorted, de-duplicated captions (JSON ``text``) of every sample of ``urls``."""
+def _collect(urls: Sequence[str], rank: int, world_size: int, values, empty: str) -> list[str]:
+    """Collective: the sorted union of ``values(meta)`` over every sample of ``urls`` (each rank reads
+    every world-size-th shard); ``CurationInputError(empty)`` when it is empty."""
     mine: set[str] = set()
     for url in urls[rank::world_size]:
         for _, meta in shard_metas(url):
-            mine.update(clean_captions(meta.get("text")))
+            mine.update(values(meta))
     merged: set[str] = set()
     for part in gather_objects(sorted(mine), world_size):
         merged.update(part)
     if not merged:
-        raise CurationInputError(f"the caption pool ({len(urls)} shard(s)) holds no caption")
+        raise CurationInputError(empty)
     return sorted(merged)
+
+
+def collect_captions(urls: Sequence[str], rank: int, world_size: int) -> list[str]:
+    """Sorted, de-duplicated captions (JSON ``text``) of every sample of ``urls``."""
+    return _collect(urls, rank, world_size, lambda meta: clean_captions(meta.get("text")),
+                    f"the caption pool ({len(urls)} shard(s)) holds no caption")
 
 
 def collect_tags(urls: Sequence[str], rank: int, world_size: int) -> list[str]:
     """Sorted set of the tags (JSON ``tag`` / ``tags``) of ``urls``: a downstream label set."""
-    mine: set[str] = set()
-    for url in urls[rank::world_size]:
-        for _, meta in shard_metas(url):
-            mine.update(normalise_tags(meta)[0])
-    merged: set[str] = set()
-    for part in gather_objects(sorted(mine), world_size):
-        merged.update(part)
-    if not merged:
-        raise CurationInputError(f"the label shards ({len(urls)} shard(s)) carry no tag: give --labels instead")
-    return sorted(merged)
+    return _collect(urls, rank, world_size, lambda meta: normalise_tags(meta)[0],
+                    f"the label shards ({len(urls)} shard(s)) carry no tag: give --labels instead")
 
 
 @torch.inference_mode()

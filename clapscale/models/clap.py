@@ -73,9 +73,10 @@ class ClapModel(nn.Module):
         """``input_ids, attention_mask (B, L)`` -> ``(B, D)`` unit rows."""
         return F.normalize(self.text_projection(self.text_tower(input_ids, attention_mask)), dim=-1)
 
-    def scale(self) -> torch.Tensor:
-        """The clamped temperature ``exp(min(logit_scale, ln(max_logit_scale)))`` (a 0-d tensor)."""
-        return self.logit_scale.clamp(max=self.max_log_scale).exp()
+    def scale(self, log_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The clamped temperature ``exp(min(log_scale, ln(max_logit_scale)))`` (a 0-d tensor) of
+        ``log_scale``, by default the audio-text ``logit_scale``."""
+        return (self.logit_scale if log_scale is None else log_scale).clamp(max=self.max_log_scale).exp()
 
     def forward(
         self,

@@ -65,11 +65,8 @@ class TriModalClap(ClapModel):
 
     def scales(self) -> dict[str, torch.Tensor]:
         """Clamped temperature of each pair, keyed by ``clapscale.losses.pair_name``."""
-        def clamp(p: torch.Tensor) -> torch.Tensor:
-            return p.clamp(max=self.max_log_scale).exp()
-
-        return {"audio-text": self.scale(), "audio-image": clamp(self.log_scale_audio_image),
-                "image-text": clamp(self.log_scale_image_text)}
+        return {"audio-text": self.scale(), "audio-image": self.scale(self.log_scale_audio_image),
+                "image-text": self.scale(self.log_scale_image_text)}
 
     def forward(
         self,

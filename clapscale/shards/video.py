@@ -93,21 +93,11 @@ def _audio(path: str, target_sr: int, max_seconds: float | None) -> np.ndarray:
     return audio
 
 
-def _tile(image, size: int):
-    from PIL import Image
-
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.convert("RGB").resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                                        Image.Resampling.BICUBIC)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
 def _frames(path: str, frames: int, frame_size: int, max_seconds: float | None) -> tuple[bytes, float]:
     import av
     from PIL import Image
+
+    from clapscale.data.images import centre_square
 
     with _open(path) as container:
         if not container.streams.video:
@@ -135,7 +125,7 @@ def _frames(path: str, frames: int, frame_size: int, max_seconds: float | None) 
                     continue
                 last = frame
                 while got < frames and frame.time + 1e-6 >= wanted[got]:
-                    strip.paste(_tile(frame.to_image(), frame_size), (got * frame_size, 0))
+                    strip.paste(centre_square(frame.to_image().convert("RGB"), frame_size), (got * frame_size, 0))
                     got += 1
                 if got == frames:
                     break
@@ -144,7 +134,7 @@ def _frames(path: str, frames: int, frame_size: int, max_seconds: float | None) 
         if last is None:
             raise AudioDecodeError(path, "the video stream has no decodable frame", "no_video_stream")
         while got < frames:  # a stream that ends before its stated duration: its last frame
-            strip.paste(_tile(last.to_image(), frame_size), (got * frame_size, 0))
+            strip.paste(centre_square(last.to_image().convert("RGB"), frame_size), (got * frame_size, 0))
             got += 1
     buf = io.BytesIO()
     strip.save(buf, format="JPEG", quality=JPEG_QUALITY)
