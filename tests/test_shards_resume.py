@@ -103,6 +103,8 @@ def test_kill_9_then_rerun_completes_every_clip_exactly_once(tmp_path, source):
     assert 3 <= done < total_units
     _assert_final_tars_whole(out)
     assert not (out / "manifest.json").exists()
+    # The kill can land while a worker writes a done marker: its temp must not outlive the rerun.
+    (state / f".{total_units - 1:06d}.done.json.tmp-1").write_text("{")
 
     assert make_shards([*args, "--workers", "2", "--out", str(out)]) == 0
     assert _shards(out) == want  # byte-identical shards, same names and counts

@@ -345,7 +345,9 @@ def _prepare_split(out: Path, split: str, items: list[Item], opts: BuildOptions,
         state.mkdir(parents=True, exist_ok=True)
         write_json(plan_path, {"fingerprint": fp, "items": len(items), "shard_size": opts.shard_size,
                                "shuffle_seed": shuffle_seed})
+    # A run killed mid-write leaves temps beside the shards and beside the done markers.
     _clean_stale_temps(out / split)
+    _clean_stale_temps(state)
     return state
 
 
