@@ -176,11 +176,6 @@ class DataConfig:
             raise ConfigError(f"{path}.shuffle_buffer must be >= 0 (0 or 1: no shuffle), got {self.shuffle_buffer}")
         if self.image_size < 0:
             raise ConfigError(f"{path}.image_size must be >= 0 (0 = no images), got {self.image_size}")
-        if self.image_size and self.backend == "dali":
-            raise ConfigError(
-                f"{path}.image_size={self.image_size} but {path}.backend=dali does not decode the clips' "
-                f"pictures (.jpg) yet: use {path}.backend=wds for image batches"
-            )
         if self.train_weights:
             weights = self.train_weights.split("::")
             if len(weights) != len(self.train.split("::")):

@@ -113,6 +113,132 @@ def test_wds_loader_without_image_size_has_no_images_and_with_it_skips_clips_wit
     assert loader.skipped.get("missing_image", 0) > 0
 
 
-def test_dali_backend_refuses_images_with_a_config_error():
-    with pytest.raises(ConfigError, match=r"data.image_size=224 but data.backend=dali does not decode"):
-        load_config(None, ["data.backend=dali", "data.image_size=224"])
+# ----------------------------------------------------------------------------- the DALI backend
+
+
+def _texture(size, seed, mode="RGB", tiles=1) -> bytes:
+    """A JPEG of smooth random texture (each tile its own), so that a wrong tile, offset or scale
+    shows, while JPEG's loss stays small."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    parts = [Image.fromarray((rng.random((4, 5, 3)) * 255).astype(np.uint8)).resize((w // tiles, h),
+                                                                                Image.Resampling.BICUBIC)
+             for _ in range(tiles)]
+    strip = Image.new("RGB", (w, h))
+    for i, part in enumerate(parts):
+        strip.paste(part, (i * (w // tiles), 0))
+    buf = io.BytesIO()
+    strip.convert(mode).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+# (width, height, mode, tiles): landscape, portrait, square, grey, and 4-frame video strips.
+PICTURES = [(64, 40, "RGB", 1), (40, 64, "RGB", 1), (33, 33, "RGB", 1), (50, 30, "L", 1),
+            (4 * 30, 26, "RGB", 4), (4 * 24, 40, "RGB", 4), (3 * 40, 40, "RGB", 3), (70, 45, "RGB", 1)]
+
+
+@pytest.fixture(scope="module")
+def picture_set(tmp_path_factory):
+    """Shards with textured pictures of every shape (3 shards), and a shard of bad pictures."""
+    from clapscale.shards.writer import write_shards
+    from test_data_common import clip, good_members, write_raw_shard
+
+    out = tmp_path_factory.mktemp("pictures")
+    records = []
+    for i, (w, h, mode, tiles) in enumerate(PICTURES * 2):
+        rec = {"key": f"pic-{i:03d}", "audio": clip(1.0 + 0.1 * i, i), "text": [f"picture {i}"],
+               "image": _texture((w, h), i, mode, tiles)}
+        if tiles > 1:
+            rec["video_frames"] = tiles
+        records.append(rec)
+    write_shards(records, out / "good", "train", shard_size=6)
+    good_jpg = _texture((40, 30), 99)
+    bad = [
+        *good_members("bad-a", 1), ("bad-a.jpg", good_jpg),
+        *good_members("bad-nopic", 2),  # no .jpg member
+        *good_members("bad-cut", 3), ("bad-cut.jpg", good_jpg[: len(good_jpg) // 2]),  # both decoders refuse
+        ("bad-frames.flac", good_members("x", 4)[0][1]), ("bad-frames.jpg", good_jpg),
+        ("bad-frames.json", json.dumps({"text": ["x"], "sample_rate": 48000, "video_frames": "four"}).encode()),
+        ("bad-strip.flac", good_members("x", 5)[0][1]), ("bad-strip.jpg", good_jpg),  # 40 px is not 3 tiles
+        ("bad-strip.json", json.dumps({"text": ["x"], "sample_rate": 48000, "video_frames": 3}).encode()),
+        *good_members("bad-z", 6), ("bad-z.jpg", good_jpg),
+    ]
+    write_raw_shard(out / "bad" / "000000.tar", bad)
+    return out
+
+
+def _pictures(loader, epochs=1) -> dict[tuple[int, str], torch.Tensor]:
+    out = {}
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            assert batch["image"].shape[0] == len(batch["keys"])
+            for key, image in zip(batch["keys"], batch["image"]):
+                out[epoch, key] = image
+    return out
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_dali_pictures_equal_the_webdataset_loaders(picture_set, train):
+    """DALI decodes, scales and crops each picture as PIL does in the webdataset backend (to JPEG
+    decoder and resampling rounding, ~1 grey level), and draws the same video frame per (seed,
+    epoch, key) in training: a wrong tile, offset or scale would differ by far more."""
+    from clapscale.data.dali import DaliLoader
+    from clapscale.data.specs import parse_spec
+
+    overrides = [f"data.train={picture_set}/good/train/{{000000..000002}}.tar", "data.batch_size=4",
+                 "data.workers=0", "data.image_size=24", "data.resampled=false", "data.seed=3"]
+    cfg = load_config(None, overrides)
+    ref = _pictures(build_loader(cfg, cfg.data.train, train=train), epochs=3 if train else 1)
+    got = _pictures(DaliLoader(parse_spec(cfg.data.train), cfg.audio, cfg.data, train=train, features="waveform"),
+                    epochs=3 if train else 1)
+    common = sorted(set(ref) & set(got))
+    assert len(common) >= (30 if train else 16), (len(ref), len(got))
+    for where in common:
+        diff = (got[where] - ref[where]).abs()
+        assert got[where].shape == (3, 24, 24) and got[where].dtype == torch.float32
+        assert float(diff.max()) < 0.1 and float(diff.mean()) < 0.01, (where, float(diff.max()), float(diff.mean()))
+    if train:  # the strips' frames were drawn, not fixed: some key shows two frames over the epochs
+        strips = {key for _, key in common if PICTURES[int(key[4:]) % len(PICTURES)][3] > 1}
+        assert any(not torch.allclose(ref[0, k], ref[e, k], atol=0.1) for k in strips for e in (1, 2)
+                   if (0, k) in ref and (e, k) in ref)
+
+
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_bad_pictures_are_skipped_and_counted_alike_by_both_backends(picture_set, backend):
+    cfg = load_config(None, [f"data.train={picture_set}/bad/000000.tar", "data.batch_size=2", "data.workers=0",
+                             "data.image_size=16", f"data.backend={backend}"])
+    loader = build_loader(cfg, cfg.data.train, train=False)
+    keys = [k for b in loader for k in b["keys"]]
+    assert sorted(keys) == ["bad-a", "bad-z"]
+    assert loader.skipped == {"missing_image": 1, "bad_image": 3}
+
+
+def test_dali_images_through_the_cli_path_need_no_other_setting(picture_set):
+    """``data.backend=dali`` with ``data.image_size`` is a valid config (it was refused before the DALI
+    backend decoded pictures) and the batch carries images beside the mel."""
+    cfg = load_config(None, [f"data.train={picture_set}/good/train/000000.tar", "data.batch_size=3",
+                             "data.workers=0", "data.image_size=16", "data.backend=dali"])
+    batch = next(iter(build_loader(cfg, cfg.data.train, train=False)))
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["mel"].shape[0] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dali_pictures_on_the_gpu_equal_the_cpu_decoders(picture_set):
+    """With a device, DALI decodes the JPEGs with nvJPEG (``mixed``) and scales them on the GPU: the
+    same pictures as PIL's in the webdataset backend, to decoder rounding."""
+    from clapscale.data.dali import DaliLoader
+    from clapscale.data.specs import parse_spec
+
+    cfg = load_config(None, [f"data.train={picture_set}/good/train/{{000000..000002}}.tar", "data.batch_size=4",
+                             "data.workers=1", "data.image_size=24"])
+    spec = parse_spec(cfg.data.train)
+    gpu = _pictures(DaliLoader(spec, cfg.audio, cfg.data, train=False, device_id=0))
+    cpu = _pictures(build_loader(cfg, cfg.data.train, train=False))  # the webdataset backend: PIL
+    assert sorted(gpu) == sorted(cpu) and len(cpu) == 16
+    for where, image in gpu.items():
+        assert image.is_cuda
+        diff = (image.cpu() - cpu[where]).abs()
+        assert float(diff.max()) < 0.1 and float(diff.mean()) < 0.01, where

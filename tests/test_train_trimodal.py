@@ -5,7 +5,9 @@ on synthetic shards with rendered pictures, bounded, with the trainer's own eval
   ranks does not fit this shared machine's memory; its eval path is tested in test_eval_trimodal.py).
 - VIP-ANT: (audio, image) + (image, text) with the image and text towers frozen and no projection on
   them (the pivot): the exported model's image and text towers equal their initial weights, the audio
-  tower moved, and zero-shot / retrieval (audio -> text through the pivot) run in evaluation.
+  tower moved, and zero-shot / retrieval (audio -> text through the pivot) run in evaluation. Its
+  batches come from the DALI backend, AudioCLIP's from the webdataset backend: both loaders' pictures
+  reach the trainer.
 """
 
 import subprocess
@@ -82,6 +84,7 @@ def test_audioclip_trimodal_trains_on_two_ranks(picture_shards, tmp_path):
 def test_vipant_bi_bi_modal_trains_audio_only_through_the_frozen_pivot(picture_shards, tmp_path):
     _ok(_train(2, _args(picture_shards, tmp_path, "vipant", "model.embed_dim=384", "model.pivot=true",
                         "model.image.frozen=true", "model.text.frozen=true", "eval.tasks=[retrieval, zeroshot, image_retrieval]",
+                        "data.backend=dali",  # DALI decodes the pictures (AudioCLIP's run reads with webdataset)
                         "loss.weight_audio_text=0", "loss.weight_audio_image=1", "loss.weight_image_text=1"),
                 timeout=400))
     run = tmp_path / "vipant"

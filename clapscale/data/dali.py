@@ -32,6 +32,14 @@ policies must be exactly those of the webdataset loader:
    default reference is each sample's maximum). Rows are padded to the longest (fusion) and the
    batch carries ``mel`` (B, T, n_mels) and ``mel_frames``; ``AudioFrontend`` shapes it.
 
+6. pictures (``data.image_size``): the reader also yields ``<key>.jpg``; each sample's
+   ``clapscale.data.images.ImagePlan`` (which frame of a video strip, drawn after the audio's draws
+   as in the webdataset backend; the scaled size; the centre crop) is computed from the JPEG header
+   in Python, and one image pipeline decodes just that frame (``decoders.image_slice``: ``mixed`` =
+   nvJPEG on the GPU, else CPU), scales it (cubic, antialiased, as PIL's bicubic), crops and
+   CLIP-normalises. A JPEG that kills the pipeline is found with PIL and skipped as ``bad_image``
+   (libjpeg-turbo decodes some damaged scans that PIL refuses: those pass here).
+
 Training batches always hold exactly ``data.batch_size`` samples (samples left over after skipping
 carry into the next batch; those left at the end of an epoch are dropped). Batches per epoch:
 resampled, total samples // (batch_size * world_size); epoch mode, the fewest full batches any rank's
@@ -59,6 +67,7 @@ import soundfile as sf
 import torch
 
 from clapscale.config import AudioConfig, ConfigError, DataConfig
+from clapscale.data.images import CLIP_MEAN, CLIP_STD, ImagePlan, decode_image, image_size_of, plan_image
 from clapscale.data.policies import apply_length_policy, frames_of
 from clapscale.data.shardio import split_member_name
 from clapscale.data.specs import ShardSpecError, Source, all_urls, check_shards_exist, is_remote
@@ -71,6 +80,7 @@ from clapscale.data.wds import (
     decode_crop,
     flac_header,
     epoch_shard_order,
+    image_tile,
     log_source_shares,
     parse_meta,
     sample_rng,
@@ -154,6 +164,7 @@ class DaliLoader:
         self._position: dict[str, Any] | None = None  # position after the last batch yielded
         self._decoder = None
         self._mel = None
+        self._image = None
         self._tmpdir: tempfile.TemporaryDirectory | None = None
         self._total = self._prepare_shards()
         self._source_of: dict[str, int] = {}
@@ -291,18 +302,20 @@ class DaliLoader:
         train = self.train
         cfg = self.data_cfg
 
+        ext = ["flac", "json"] + (["jpg"] if cfg.image_size else [])
+
         @pipeline_def(
             batch_size=cfg.batch_size, num_threads=self.threads, device_id=None,
             exec_dynamic=True, enable_checkpointing=train, seed=seed % (2**31),
         )
         def reader():
-            flac, meta = fn.readers.webdataset(
-                paths=paths, index_paths=index_paths, ext=["flac", "json"], missing_component_behavior="empty",
+            flac, meta, *jpg = fn.readers.webdataset(
+                paths=paths, index_paths=index_paths, ext=ext, missing_component_behavior="empty",
                 shard_id=shard_id, num_shards=num_shards, random_shuffle=train,
                 initial_fill=max(fill, 1) if train else 1, pad_last_batch=not train,
                 stick_to_shard=not train, name="reader",
             )
-            return flac, meta, fn.get_property(flac, key="source_info")
+            return flac, meta, fn.get_property(flac, key="source_info"), *jpg
 
         pipe = reader(checkpoint=checkpoint) if checkpoint else reader()
         pipe.build()
@@ -352,6 +365,85 @@ class DaliLoader:
         pipe.build()
         return pipe
 
+    def _build_image(self):
+        """JPEG bytes + each sample's ``ImagePlan`` -> CLIP-normalised ``(3, S, S)``: the tile is
+        decoded alone (ROI decode), scaled (bicubic, antialiased like PIL's), centre-cropped and
+        normalised; on the GPU (nvJPEG, ``mixed``) where there is one, on CPU threads otherwise."""
+        from nvidia.dali import fn, pipeline_def, types
+
+        size = self.data_cfg.image_size
+        gpu = self.device_id is not None
+
+        @pipeline_def(batch_size=self.data_cfg.batch_size, num_threads=self.threads,
+                      device_id=self.device_id, exec_dynamic=True, prefetch_queue_depth=1)
+        def image():
+            jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1)
+            box = fn.external_source(name="box", dtype=types.FLOAT, ndim=1)  # left, top, width, height
+            resized = fn.external_source(name="resized", dtype=types.FLOAT, ndim=1)  # height, width
+            crop = fn.external_source(name="crop", dtype=types.FLOAT, ndim=1)  # left, top
+            img = fn.decoders.image_slice(
+                jpg, box[0:2], box[2:4], device="mixed" if gpu else "cpu", output_type=types.RGB,
+                normalized_anchor=False, normalized_shape=False, axis_names="WH",
+            )
+            img = fn.resize(img, size=resized, interp_type=types.INTERP_CUBIC, antialias=True)
+            img = fn.slice(img, crop, np.array([size, size], dtype=np.float32), axis_names="WH",
+                           normalized_anchor=False, normalized_shape=False)
+            return fn.crop_mirror_normalize(
+                img, mean=[255.0 * m for m in CLIP_MEAN], std=[255.0 * s for s in CLIP_STD],
+                output_layout="CHW", dtype=types.FLOAT,
+            )
+
+        pipe = image()
+        pipe.build()
+        return pipe
+
+    def _run_image(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
+        if self._image is None:
+            self._image = self._build_image()
+        f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
+        self._image.feed_input("jpg", [r["jpg"] for r in rows])
+        self._image.feed_input("box", [f32(r["plan"].box) for r in rows])
+        self._image.feed_input("resized", [f32(r["plan"].resized[::-1]) for r in rows])
+        self._image.feed_input("crop", [f32(r["plan"].crop) for r in rows])
+        (out,) = self._image.run()
+        return list(_to_torch(out).unbind(0))
+
+    def _images(self, rows: list[dict[str, Any]]) -> list[torch.Tensor | None]:
+        """Each row's picture (rows carry ``jpg`` and ``plan``); None for one that does not decode,
+        skipped and counted as ``bad_image``."""
+        if not rows:
+            return []
+        try:
+            return self._run_image(rows)
+        except RuntimeError as e:
+            # As for audio: one bad JPEG kills the pipeline; find it with PIL and decode the rest.
+            log.warning("DALI image decoder failed on a batch (%s); checking its pictures one by one",
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._image = None
+            good = []
+            for i, r in enumerate(rows):
+                try:
+                    decode_image(r["jpg"].tobytes(), self.data_cfg.image_size)
+                    good.append(i)
+                except ValueError as err:
+                    self._skip("bad_image", r["where"], str(err), r["pick"])
+            out: list[torch.Tensor | None] = [None] * len(rows)
+            for i, t in zip(good, self._run_image([rows[i] for i in good]) if good else []):
+                out[i] = t
+            return out
+
+    def _plan_image(self, row: dict[str, Any]) -> ImagePlan | None:
+        """The row's image plan (tile drawn after the audio's draws, as the webdataset backend
+        draws it); None, skipped and counted, for a missing or unreadable picture."""
+        try:
+            tile = image_tile(row.get("jpg"), row["frames"], row["rng"])
+            return plan_image(*image_size_of(row["jpg"].tobytes()), self.data_cfg.image_size, tile, row["frames"])
+        except SkipSample as e:
+            self._skip(e.reason, row["where"], e.detail, row["pick"])
+        except ValueError as e:
+            self._skip("bad_image", row["where"], str(e), row["pick"])
+        return None
+
     # ------------------------------------------------------------------ glue
 
     def _skip(self, reason: str, where: str, detail: str = "", pick: int | None = None) -> None:
@@ -382,6 +474,7 @@ class DaliLoader:
         cap = int(round(self.audio_cfg.max_seconds * self.audio_cfg.sample_rate))
         return {
             "pick": row.get("pick"), "key": row["key"], "where": row["where"], "flac": row["flac"],
+            "jpg": row.get("jpg"), "frames": meta.get("video_frames", 1),
             "rng": rng, "long": total == 0 or total > cap, **texts,
         }
 
@@ -468,11 +561,20 @@ class DaliLoader:
                     self._skip("silent", row["where"], "all-silent after downmix to mono", row["pick"])
                     continue
                 res = apply_length_policy(wave, self.audio_cfg, row["rng"])
+            plan = None
+            if self.data_cfg.image_size and (plan := self._plan_image(row)) is None:
+                continue
             samples.append({
+                "jpg": row["jpg"], "plan": plan,
                 "pick": row["pick"], "key": row["key"], "where": row["where"], "waveform": res.waveform,
                 "length": res.length, "is_longer": res.is_longer, "fusion_starts": res.fusion_starts,
                 "text": row["text"], "all_texts": row["all_texts"], "tags": row["tags"],
             })
+        if self.data_cfg.image_size:
+            images = self._images(samples)
+            for sample, image in zip(samples, images):
+                sample["image"] = image
+            samples = [s for s in samples if s["image"] is not None]
         return samples
 
     def _batch(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -488,6 +590,8 @@ class DaliLoader:
         else:
             batch["waveform"] = collate_waveforms([s["waveform"] for s in samples])
         batch |= collate_meta(samples)
+        if self.data_cfg.image_size:
+            batch["image"] = torch.stack([s["image"] for s in samples])
         if self.tokenizer is not None:
             tok = self.tokenizer(batch["texts"])
             batch["input_ids"] = tok["input_ids"]
@@ -699,7 +803,7 @@ def _raw_rows(out) -> list[dict[str, Any]]:
     a reader holding a loader method would make a reference cycle that keeps every DALI pipeline (and
     its threads) alive until the garbage collector runs, and a process that forks (a webdataset
     DataLoader worker) while such threads hold a lock can deadlock."""
-    flac, meta, info = out
+    flac, meta, info, *jpg = out
     rows = []
     for i in range(len(flac)):
         source = bytes(np.asarray(info[i])).decode("utf-8", "replace")
@@ -709,6 +813,7 @@ def _raw_rows(out) -> list[dict[str, Any]]:
             "where": source,
             "flac": np.asarray(flac[i]),
             "json": bytes(np.asarray(meta[i])),
+            **({"jpg": np.asarray(jpg[0][i])} if jpg else {}),
         })
     return rows
 

@@ -278,17 +278,24 @@ def sample_image(raw: dict[str, Any], size: int, frames: Any = 1, rng: np.random
     tile per sample and epoch, evaluation takes tile ``(frames - 1) // 2``.
     """
     from clapscale.data.images import decode_image
-    from clapscale.shards.video import eval_frame
 
-    if not raw.get("jpg"):
-        raise SkipSample("missing_image", "absent or 0-byte .jpg member (data.image_size asks for images)")
-    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
-        raise SkipSample("bad_image", f"'video_frames' in the JSON is {frames!r}, not a positive integer")
-    tile = eval_frame(frames) if rng is None else int(rng.integers(0, frames))
+    tile = image_tile(raw.get("jpg"), frames, rng)
     try:
         return decode_image(raw["jpg"], size, tile=tile, tiles=frames)
     except ValueError as e:
         raise SkipSample("bad_image", str(e)) from e
+
+
+def image_tile(jpg: Any, frames: Any, rng: np.random.Generator | None) -> int:
+    """Which tile of the sample's picture to use (both backends; after the audio's draws, so one seed
+    draws the same in both): ``SkipSample`` for an absent or empty ``.jpg`` or a bad ``video_frames``."""
+    from clapscale.shards.video import eval_frame
+
+    if jpg is None or len(jpg) == 0:
+        raise SkipSample("missing_image", "absent or 0-byte .jpg member (data.image_size asks for images)")
+    if not isinstance(frames, int) or isinstance(frames, bool) or frames < 1:
+        raise SkipSample("bad_image", f"'video_frames' in the JSON is {frames!r}, not a positive integer")
+    return eval_frame(frames) if rng is None else int(rng.integers(0, frames))
 
 
 def collate_waveforms(waves: list[np.ndarray]) -> torch.Tensor:
