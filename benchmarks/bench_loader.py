@@ -16,6 +16,12 @@ ratios to (a), all measured in one run. Target: (b) and (c) >= 0.8. ``--json PAT
 table (benchmarks/gpu_suite.sh reads it); where DALI is not installed its stages are recorded as
 skipped and the others still run.
 
+``--pictures N`` (0 = off) also measures picture decoding, in pictures per CPU-second, on N video
+strips of 4 frames of 224 px (VIP-ANT's input; ``data.image_size: 224``), the frame evaluation uses:
+  (p) PIL, the webdataset backend's path (``clapscale.data.images.decode_image``), one core;
+  (p') DALI's image pipeline (``clapscale.data.dali.build_image_pipeline``) on this machine's device
+       (nvJPEG with a GPU; CPU threads otherwise), with its ratio to (p).
+
 On a shared machine, ``--repeat R`` measures (a) and every stage R times, interleaved: the table
 shows medians, and each stage's ratio per round (its pass over (a) of the same round) is printed as
 median [min, max]. ``--only wds,raw_decode`` limits the stages (``raw_decode`` always runs).
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="", help="also write the table here")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of every stage (medians, ratio spread)")
     ap.add_argument("--only", default="", help="comma-separated stage keys to run (default: all)")
+    ap.add_argument("--pictures", type=int, default=0, help="video strips for the picture stages (0: none)")
     args = ap.parse_args(argv)
 
     tmp = None
@@ -195,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             r = spread(key)
             print(f"{name}: ratio to (a) per round, median {statistics.median(r):.2f} [{r[0]:.2f}, {r[-1]:.2f}] "
                   f"over {args.repeat} rounds")
+    pictures = bench_pictures(args.pictures, args.batch, cores, dali) if args.pictures else {}
     if args.json:
         report = {
             "clips": n, "seconds": args.seconds, "batch": args.batch, "workers": args.workers, "device": device,
@@ -203,11 +211,66 @@ def main(argv: list[str] | None = None) -> int:
                              **({"ratio_rounds": spread(key)} if key in rounds and key != "raw_decode" else {})}
                        for key, name, per_cpu, per_wall, startup in rows},
             "skipped": {key: "nvidia.dali is not installed" for key, _ in skipped},
+            **({"pictures": pictures} if pictures else {}),
         }
         Path(args.json).write_text(json.dumps(report, indent=1))
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def strip_jpegs(n: int, frames: int = 4, size: int = 224) -> list[bytes]:
+    """``n`` JPEG strips of ``frames`` textured ``size``-pixel frames, as make_shards stores a video's."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        low = (rng.random((8, 8 * frames, 3)) * 255).astype(np.uint8)
+        im = Image.fromarray(low).resize((frames * size, size), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def bench_pictures(n: int, batch: int, threads: int, dali: bool) -> dict:
+    """(p) PIL vs (p') DALI on the same strips and plans: pictures per CPU-second, and their ratio."""
+    from clapscale.data.images import decode_image, image_size_of, plan_image
+
+    size, frames, tile = 224, 4, 1
+    jpgs = strip_jpegs(n, frames)
+    rows: dict[str, dict] = {}
+    wall, cpu, _ = timed(lambda: [decode_image(j, size, tile, frames) for j in jpgs])
+    rows["pil"] = {"name": "(p) PIL (webdataset path), 1 core", "pictures_per_cpu_s": n / cpu,
+                   "wall_pictures_per_s": n / wall}
+    if dali:
+        from clapscale.data.dali import build_image_pipeline, run_image_pipeline
+
+        device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
+        pipe = build_image_pipeline(size, batch, threads, device_id)
+        arrays = [np.frombuffer(j, np.uint8) for j in jpgs]
+        plans = [plan_image(*image_size_of(j), size, tile, frames) for j in jpgs]
+
+        def run() -> None:
+            for i in range(0, n, batch):
+                run_image_pipeline(pipe, arrays[i:i + batch], plans[i:i + batch], size)
+            if device_id is not None:
+                torch.cuda.synchronize()
+
+        run()  # warm: pipeline build, decoder state
+        wall, cpu, _ = timed(run)
+        where = "GPU, nvJPEG" if device_id is not None else f"CPU, {threads} threads"
+        rows["dali"] = {"name": f"(p') DALI pictures ({where})", "pictures_per_cpu_s": n / cpu,
+                        "wall_pictures_per_s": n / wall}
+    base = rows["pil"]["pictures_per_cpu_s"]
+    print(f"{n} video strips of {frames} x {size} px -> one {size} px frame each")
+    print(f"{'stage':<50} {'pics/CPU-s':>11} {'ratio (p)':>9} {'wall pics/s':>12}")
+    for row in rows.values():
+        row["ratio_to_pil"] = row["pictures_per_cpu_s"] / base
+        print(f"{row['name']:<50} {row['pictures_per_cpu_s']:>11.1f} {row['ratio_to_pil']:>9.2f} "
+              f"{row['wall_pictures_per_s']:>12.1f}")
+    return {"strips": n, "frames": frames, "size": size, "stages": rows}
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 #   tests      the CUDA / gpu-marked tests (pytest -k "cuda or gpu" over the test files that ask for
 #              a device, not this suite's own), counts from pytest's junit XML
 #   loader     benchmarks/bench_loader.py: raw decode, webdataset, DALI (mel left to the device, and
-#              DALI's mel on the GPU), torch log-mel on the GPU; clips per CPU-second
+#              DALI's mel on the GPU), torch log-mel on the GPU; clips per CPU-second; pictures (224 px
+#              frames of video strips) per CPU-second, PIL vs DALI on nvJPEG
 #   train      benchmarks/bench_train.py --recipes: HTSAT tiny / base + RoBERTa-base, CNN14 + BERT-base,
 #              ViT-B/32 + CLIP text; random init, bf16, ZeRO-1, one GPU: samples/s, peak memory, MFU;
 #              then the speed switches as variants (SDPA windows, torch.compile + TF32, channels_last,
@@ -169,7 +170,7 @@ skip_stage() {
 # Sizes: on a GPU about 1 + 1.5 + 3.5 + 1.5 minutes (start-up included); on the CPU, tiny.
 if [[ "$MODE" == gpu ]]; then
   TESTS_T=90; LOADER_T=120; TRAIN_T=270; REAL_T=150
-  LOADER_ARGS=(--clips 160 --seconds 10 --batch 32 --workers 8)
+  LOADER_ARGS=(--clips 160 --seconds 10 --batch 32 --workers 8 --pictures 512)
   # The speed switches (bench_train.py VARIANTS) after the recipes as shipped, most informative first;
   # bench_train rewrites its JSON after every recipe, so a stage cut by the budget keeps what it measured.
   VARIANTS="htsat-base-roberta+sdpa,htsat-base-roberta+sdpa+compile+tf32,cnn14-bert+channels_last,htsat-base-roberta+ckpt"
@@ -177,7 +178,7 @@ if [[ "$MODE" == gpu ]]; then
   REAL_ARGS=(train.steps=60 train.log_every=10 train.eval_every=-1 train.checkpoint_every=0)
 else
   TESTS_T=120; LOADER_T=90; TRAIN_T=120; REAL_T=120
-  LOADER_ARGS=(--clips 8 --seconds 2 --batch 4 --workers 1)
+  LOADER_ARGS=(--clips 8 --seconds 2 --batch 4 --workers 1 --pictures 8)
   TRAIN_ARGS=(--recipes smoke --steps 1 --recipe-batch 2 --timeout 100)
   REAL_ARGS=(train.steps=2 train.log_every=1 train.eval_every=-1 train.checkpoint_every=0 data.batch_size=4
              data.workers=0 data.shuffle_buffer=0 train.precision=fp32)

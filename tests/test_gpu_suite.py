@@ -90,6 +90,12 @@ def test_cpu_smoke_runs_every_stage_into_one_report(tmp_path, real_recipe):
         assert row["ratio_to_decode"] == pytest.approx(row["clips_per_cpu_s"] / loader["stages"]["raw_decode"]
                                                        ["clips_per_cpu_s"]), key
     assert loader["stages"]["raw_decode"]["ratio_to_decode"] == 1.0
+    pictures = loader["pictures"]
+    assert pictures["strips"] == 8 and set(pictures["stages"]) == {"pil", "dali"}
+    for key, row in pictures["stages"].items():
+        assert _number(row["pictures_per_cpu_s"]) and row["pictures_per_cpu_s"] > 0, key
+        assert row["ratio_to_pil"] == pytest.approx(row["pictures_per_cpu_s"]
+                                                    / pictures["stages"]["pil"]["pictures_per_cpu_s"]), key
 
     # 3. the training benchmark: the CPU recipe's step, memory and FLOPs; no MFU without a device peak.
     (rec,) = stages["train"]["figures"]["recipes"]

@@ -36,8 +36,8 @@ policies must be exactly those of the webdataset loader:
    ``clapscale.data.images.ImagePlan`` (which frame of a video strip, drawn after the audio's draws
    as in the webdataset backend; the scaled size; the centre crop) is computed from the JPEG header
    in Python, and one image pipeline decodes just that frame (``decoders.image_slice``: ``mixed`` =
-   nvJPEG on the GPU, else CPU), scales it (cubic, antialiased, as PIL's bicubic), crops and
-   CLIP-normalises. A JPEG that kills the pipeline is found with PIL and skipped as ``bad_image``
+   nvJPEG on the GPU, else CPU), scales its centre-crop window (cubic, antialiased, as PIL's
+   bicubic) and CLIP-normalises. A JPEG that kills the pipeline is found with PIL and skipped as ``bad_image``
    (libjpeg-turbo decodes some damaged scans that PIL refuses: those pass here).
 
 Training batches always hold exactly ``data.batch_size`` samples (samples left over after skipping
@@ -365,48 +365,12 @@ class DaliLoader:
         pipe.build()
         return pipe
 
-    def _build_image(self):
-        """JPEG bytes + each sample's ``ImagePlan`` -> CLIP-normalised ``(3, S, S)``: the tile is
-        decoded alone (ROI decode), scaled (bicubic, antialiased like PIL's), centre-cropped and
-        normalised; on the GPU (nvJPEG, ``mixed``) where there is one, on CPU threads otherwise."""
-        from nvidia.dali import fn, pipeline_def, types
-
-        size = self.data_cfg.image_size
-        gpu = self.device_id is not None
-
-        @pipeline_def(batch_size=self.data_cfg.batch_size, num_threads=self.threads,
-                      device_id=self.device_id, exec_dynamic=True, prefetch_queue_depth=1)
-        def image():
-            jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1)
-            box = fn.external_source(name="box", dtype=types.FLOAT, ndim=1)  # left, top, width, height
-            resized = fn.external_source(name="resized", dtype=types.FLOAT, ndim=1)  # height, width
-            crop = fn.external_source(name="crop", dtype=types.FLOAT, ndim=1)  # left, top
-            img = fn.decoders.image_slice(
-                jpg, box[0:2], box[2:4], device="mixed" if gpu else "cpu", output_type=types.RGB,
-                normalized_anchor=False, normalized_shape=False, axis_names="WH",
-            )
-            img = fn.resize(img, size=resized, interp_type=types.INTERP_CUBIC, antialias=True)
-            img = fn.slice(img, crop, np.array([size, size], dtype=np.float32), axis_names="WH",
-                           normalized_anchor=False, normalized_shape=False)
-            return fn.crop_mirror_normalize(
-                img, mean=[255.0 * m for m in CLIP_MEAN], std=[255.0 * s for s in CLIP_STD],
-                output_layout="CHW", dtype=types.FLOAT,
-            )
-
-        pipe = image()
-        pipe.build()
-        return pipe
-
     def _run_image(self, rows: list[dict[str, Any]]) -> list[torch.Tensor]:
         if self._image is None:
-            self._image = self._build_image()
-        f32 = lambda v: np.asarray(v, dtype=np.float32)  # noqa: E731
-        self._image.feed_input("jpg", [r["jpg"] for r in rows])
-        self._image.feed_input("box", [f32(r["plan"].box) for r in rows])
-        self._image.feed_input("resized", [f32(r["plan"].resized[::-1]) for r in rows])
-        self._image.feed_input("crop", [f32(r["plan"].crop) for r in rows])
-        (out,) = self._image.run()
-        return list(_to_torch(out).unbind(0))
+            self._image = build_image_pipeline(self.data_cfg.image_size, self.data_cfg.batch_size,
+                                               self.threads, self.device_id)
+        return list(run_image_pipeline(self._image, [r["jpg"] for r in rows], [r["plan"] for r in rows],
+                                       self.data_cfg.image_size).unbind(0))
 
     def _images(self, rows: list[dict[str, Any]]) -> list[torch.Tensor | None]:
         """Each row's picture (rows carry ``jpg`` and ``plan``); None for one that does not decode,
@@ -770,6 +734,55 @@ class DaliLoader:
                 pending = pending[bsz:]
         if pending:
             yield self._batch(pending)
+
+
+def build_image_pipeline(size: int, batch_size: int, threads: int, device_id: int | None):
+    """JPEG bytes + each picture's ``ImagePlan`` -> CLIP-normalised ``(3, size, size)``: the plan's
+    frame is decoded alone (ROI decode), its centre-crop window scaled to ``size`` (cubic, antialiased
+    like PIL's bicubic; skipped, per sample, for a frame already ``size x size``: a 1:1 cubic pass
+    would cost more than the decode), and normalised; on the GPU (nvJPEG, ``mixed``) with a
+    ``device_id``, on CPU threads otherwise. Fed by ``run_image_pipeline``, at most ``batch_size``
+    pictures a run."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device_id is not None
+
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, exec_dynamic=True,
+                  prefetch_queue_depth=1, enable_conditionals=True)
+    def image():
+        jpg = fn.external_source(name="jpg", dtype=types.UINT8, ndim=1)
+        box = fn.external_source(name="box", dtype=types.FLOAT, ndim=1)  # left, top, width, height
+        scales = fn.external_source(name="scales", dtype=types.BOOL, ndim=0)
+        start = fn.external_source(name="start", dtype=types.FLOAT, ndim=1)  # the window's y0, x0
+        end = fn.external_source(name="end", dtype=types.FLOAT, ndim=1)  # y1, x1
+        img = fn.decoders.image_slice(
+            jpg, box[0:2], box[2:4], device="mixed" if gpu else "cpu", output_type=types.RGB,
+            normalized_anchor=False, normalized_shape=False, axis_names="WH",
+        )
+        if scales:
+            img = fn.resize(img, size=[size, size], roi_start=start, roi_end=end, roi_relative=False,
+                            interp_type=types.INTERP_CUBIC, antialias=True)
+        return fn.crop_mirror_normalize(
+            img, mean=[255.0 * m for m in CLIP_MEAN], std=[255.0 * s for s in CLIP_STD],
+            output_layout="CHW", dtype=types.FLOAT,
+        )
+
+    pipe = image()
+    pipe.build()
+    return pipe
+
+
+def run_image_pipeline(pipe, jpgs: list[np.ndarray], plans: list[ImagePlan], size: int) -> torch.Tensor:
+    """``(len(jpgs), 3, size, size)`` float32 on the pipeline's device. ``RuntimeError`` (and the
+    pipeline is spent) when a JPEG does not decode."""
+    windows = [np.asarray(p.source_window(size), dtype=np.float32) for p in plans]
+    pipe.feed_input("jpg", jpgs)
+    pipe.feed_input("box", [np.asarray(p.box, dtype=np.float32) for p in plans])
+    pipe.feed_input("scales", [np.bool_(p.scales(size)) for p in plans])
+    pipe.feed_input("start", [w[1::-1].copy() for w in windows])
+    pipe.feed_input("end", [w[3:1:-1].copy() for w in windows])
+    (out,) = pipe.run()
+    return _to_torch(out)
 
 
 class _ReaderStream:

@@ -30,6 +30,17 @@ class ImagePlan:
     resized: tuple[int, int]
     crop: tuple[int, int]
 
+    def source_window(self, size: int) -> tuple[float, float, float, float]:
+        """The centre crop in the tile's own pixels (x0, y0, x1, y1; fractional): scaling just this
+        window to ``size x size`` samples the same points as scaling the tile and then cropping."""
+        sx, sy = self.box[2] / self.resized[0], self.box[3] / self.resized[1]
+        x, y = self.crop
+        return x * sx, y * sy, (x + size) * sx, (y + size) * sy
+
+    def scales(self, size: int) -> bool:
+        """False where the tile is already ``size x size`` (nothing to scale or crop)."""
+        return self.box[2:] != (size, size)
+
 
 def square_plan(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(resized (w, h), crop (left, top)) of CLIP's evaluation transform for a ``width x height`` image."""
