@@ -479,8 +479,6 @@ class Config:
         if "image_retrieval" in self.eval.tasks and not self.model.image.name:
             raise ConfigError("eval.tasks has image_retrieval (audio<->image) but the model has no image tower "
                               "(model.image.name is empty)")
-        if self.loss.kind == "pairwise" and self.train.grad_accum > 1:
-            raise ConfigError("loss.kind=pairwise does not support train.grad_accum > 1 yet: use train.grad_accum=1")
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

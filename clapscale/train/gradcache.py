@@ -21,7 +21,10 @@ from typing import Any, Callable
 
 import torch
 
-Features = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# One micro-batch's forward: per-row features ({name: (b, D)}) and scalars ({name: ()}, the same
+# parameters in every micro-batch, e.g. temperatures).
+Rows = dict[str, torch.Tensor]
+Scalars = dict[str, torch.Tensor]
 _RngState = tuple[torch.Tensor, "list[torch.Tensor] | None"]
 
 
@@ -37,45 +40,46 @@ def _rng_replay(state: _RngState) -> None:
 
 def accumulated_backward(
     micro_inputs: list[Any],
-    forward: Callable[[Any], Features],
-    loss_of: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    forward: Callable[[Any], tuple[Rows, Scalars]],
+    loss_of: Callable[[Rows, Scalars], torch.Tensor],
     backward: Callable[[torch.Tensor], None],
     is_finite: Callable[[torch.Tensor], bool],
 ) -> tuple[torch.Tensor, bool]:
     """Loss and gradient of the concatenated micro-batches, one micro-batch graph at a time.
 
-    ``forward(inputs) -> (audio (b, D), text (b, D), scale ())``; ``loss_of(audio (A*b, D),
-    text (A*b, D), scale)`` the (gathering) loss; ``backward(surrogate)`` runs once per
-    micro-batch (the engine's backward + step). The parameter gradient summed over the
+    ``forward(inputs) -> (rows, scalars)``: CLAP's ``{"audio", "text"}`` and ``{"scale"}``, or the
+    pairwise loss's modalities and per-pair temperatures; ``loss_of(rows, scalars)`` the (gathering)
+    loss of the rows of all micro-batches concatenated (same keys); ``backward(surrogate)`` runs once
+    per micro-batch (the engine's backward + step). The parameter gradient summed over the
     ``backward`` calls equals that of ``loss_of`` on the concatenation: the surrogate
-    ``<a_m, dL/da_m> + <t_m, dL/dt_m> + s * dL/ds / A`` has exactly that gradient.
-    Returns ``(loss, finite)``; when not finite, nothing is back-propagated.
+    ``sum_k <r_k, dL/dr_k> + sum_j s_j * dL/ds_j / A`` has exactly that gradient. Rows without a
+    gradient (a frozen tower's) pass through. Returns ``(loss, finite)``; when not finite, nothing is
+    back-propagated.
     """
-    states, audio, text, scale = [], [], [], None
+    states: list[_RngState] = []
+    rows: dict[str, list[torch.Tensor]] = {}
+    scalars: Scalars = {}
     with torch.no_grad():
         for inputs in micro_inputs:
             states.append(_rng_snapshot())
-            a, t, scale = forward(inputs)
-            audio.append(a.float())
-            text.append(t.float())
+            r, scalars = forward(inputs)
+            for k, v in r.items():
+                rows.setdefault(k, []).append(v.float())
     after = _rng_snapshot()
-    all_audio = torch.cat(audio).requires_grad_(True)
-    all_text = torch.cat(text).requires_grad_(True)
-    leaf_scale = scale.detach().float().requires_grad_(True)
-    loss = loss_of(all_audio, all_text, leaf_scale)
+    all_rows = {k: torch.cat(v).requires_grad_(True) for k, v in rows.items()}
+    leaf_scalars = {k: v.detach().float().requires_grad_(True) for k, v in scalars.items()}
+    loss = loss_of(all_rows, leaf_scalars)
     if not is_finite(loss):
         return loss.detach(), False
     loss.backward()
-    sizes = [a.shape[0] for a in audio]
-    grad_audio = all_audio.grad.split(sizes)
-    grad_text = all_text.grad.split(sizes)
-    grad_scale = leaf_scale.grad / len(micro_inputs)
+    sizes = [v.shape[0] for v in next(iter(rows.values()))]
+    grad_rows = {k: (v.grad.split(sizes) if v.grad is not None else None) for k, v in all_rows.items()}
+    grad_scalars = {k: (v.grad / len(micro_inputs) if v.grad is not None else None) for k, v in leaf_scalars.items()}
     for m, inputs in enumerate(micro_inputs):
         _rng_replay(states[m])
-        a, t, s = forward(inputs)
-        surrogate = (
-            (a.float() * grad_audio[m]).sum() + (t.float() * grad_text[m]).sum() + (s.float() * grad_scale).sum()
-        )
+        r, s = forward(inputs)
+        surrogate = sum((r[k].float() * g[m]).sum() for k, g in grad_rows.items() if g is not None)
+        surrogate = surrogate + sum((s[k].float() * g).sum() for k, g in grad_scalars.items() if g is not None)
         backward(surrogate)
     _rng_replay(after)
     return loss.detach(), True

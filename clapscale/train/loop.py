@@ -42,7 +42,7 @@ from clapscale.losses import DuplicateAwareClipLoss, PairwiseInfoNCE, SoftLabelC
 from clapscale.train import engine as engines
 from clapscale.train.checkpoint import CheckpointManager, capture_rng, restore_rng
 from clapscale.train.distributed import DistEnv, device_for, discover, init_process_group
-from clapscale.train.gradcache import Features, accumulated_backward
+from clapscale.train.gradcache import accumulated_backward
 from clapscale.train.logging import RunLogger, ThroughputWindow
 from clapscale.train.signals import StopSignals
 from clapscale.train.augment import augment_generator, augment_mel
@@ -171,7 +171,8 @@ class Trainer:
             inputs["image"] = on_device["image"]
         return inputs
 
-    def _forward(self, inputs: dict[str, torch.Tensor]) -> Features:
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> Any:
+        """CLAP: ``(audio, text, scale)``; with images: ``({modality: rows}, {pair: scale})``."""
         args = (inputs["mel"].to(self.dtype), inputs["is_longer"], inputs["input_ids"], inputs["attention_mask"])
         if "image" in inputs:
             return self.engine(*args, inputs["image"].to(self.dtype))
@@ -188,14 +189,24 @@ class Trainer:
         return self.loss_fn(audio, text, scale)
 
     def _pairwise_step(self, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, bool]:
-        """AudioCLIP / VIP-ANT: one batch of (audio, image, text), the weighted pairwise InfoNCE."""
-        feats, scales = self._forward(micro[0])
-        loss = self.loss_fn({k: v.float() for k, v in feats.items()}, {k: v.float() for k, v in scales.items()})
+        """AudioCLIP / VIP-ANT: batches of (audio, image, text), the weighted pairwise InfoNCE over
+        the whole accumulated batch."""
+        def loss_of(feats: dict[str, torch.Tensor], scales: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.loss_fn({k: v.float() for k, v in feats.items()}, {k: v.float() for k, v in scales.items()})
+
+        if len(micro) > 1:
+            return accumulated_backward(micro, self._forward, loss_of, self._accumulated_backward, self._all_finite)
+        loss = loss_of(*self._forward(micro[0]))
         if not self._all_finite(loss):
             return loss.detach(), False
         self.engine.backward(loss)
         self._engine_step()
         return loss.detach(), True
+
+    def _accumulated_backward(self, surrogate: torch.Tensor) -> None:
+        # The surrogate already carries the whole accumulated gradient: no 1/A scaling.
+        self.engine.backward(surrogate, scale_wrt_gas=False)
+        self._engine_step()
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0], device=self.device)
@@ -222,13 +233,13 @@ class Trainer:
             self._engine_step()
             return loss.detach(), True
 
-        def backward(surrogate: torch.Tensor) -> None:
-            # The surrogate already carries the whole accumulated gradient: no 1/A scaling.
-            self.engine.backward(surrogate, scale_wrt_gas=False)
-            self._engine_step()
+        def forward(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+            audio, text, scale = self._forward(inputs)
+            return {"audio": audio, "text": text}, {"scale": scale}
 
         return accumulated_backward(
-            micro, self._forward, lambda a, t, s: self._loss(a, t, s, teacher, captions), backward, self._all_finite
+            micro, forward, lambda r, s: self._loss(r["audio"], r["text"], s["scale"], teacher, captions),
+            self._accumulated_backward, self._all_finite,
         )
 
     # ------------------------------------------------------------------------------ the loop
