@@ -158,9 +158,8 @@ def build_sample(index: int, item: Item, max_seconds: float | None) -> Outcome:
                 # A video: its audio track and a strip of frames (shards/video.py).
                 from clapscale.shards.video import read_video
 
-                wave, frames, seconds = read_video(item.path, SAMPLE_RATE, max_seconds, item.video_frames,
-                                                   item.frame_size)
-                audio = encode_flac_stream([wave])
+                audio, frames, seconds = read_video(item.path, SAMPLE_RATE, max_seconds, item.video_frames,
+                                                    item.frame_size)
                 if max_seconds is not None and seconds > max_seconds:
                     truncated_from = round(seconds, 6)
             else:

@@ -3,8 +3,10 @@
 ``make_shards.py --from-dir DIR --video-frames K`` takes video files (``VIDEO_EXTENSIONS``) besides
 audio files. Each becomes one sample: its first audio stream (channels averaged to mono, resampled
 to 48 kHz by our resampler, as audio files are) and K frames at equal spacing, frame ``i`` the first
-decoded frame at or after ``(i + 0.5) / K`` of the video's duration (VIP-ANT samples four). Decoding
-is PyAV's (FFmpeg); nothing here parses a container.
+decoded frame at or after ``(i + 0.5) / K`` of the video's duration (VIP-ANT samples four), reached
+by seeking to the keyframe before it when it lies far ahead (``pick_frames``). The audio is streamed
+into the FLAC encoder a decoded frame at a time, so a video of any length costs its FLAC bytes.
+Decoding is PyAV's (FFmpeg); nothing here parses a container.
 
 The K frames are stored as one JPEG, ``<key>.jpg``: a strip of K square tiles, each the frame's
 centre crop at ``frame_size`` pixels (a multiple of 16, so that JPEG blocks never straddle two
@@ -16,13 +18,16 @@ in training, tile ``(K - 1) // 2`` in evaluation (VIP-ANT's "second of four").
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from clapscale.shards.audio_io import MAX_CHANNELS, AudioDecodeError, Resampler, check_sample_rate
+from clapscale.shards.audio_io import (
+    MAX_CHANNELS, AudioDecodeError, EncodedAudio, Resampler, check_sample_rate, encode_flac_stream,
+)
 
-__all__ = ["VIDEO_EXTENSIONS", "eval_frame", "frame_times", "read_video"]
+__all__ = ["VIDEO_EXTENSIONS", "eval_frame", "frame_times", "iter_video_audio", "pick_frames", "read_video"]
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".mpg", ".mpeg"})
 JPEG_QUALITY = 90
@@ -47,7 +52,11 @@ def _open(path: str):
         raise AudioDecodeError(path, f"not a readable video ({exc})", "unreadable") from exc
 
 
-def _audio(path: str, target_sr: int, max_seconds: float | None) -> np.ndarray:
+def iter_video_audio(path: str, target_sr: int, max_seconds: float | None) -> Iterator[np.ndarray]:
+    """The first audio stream of ``path`` as mono float32 blocks at ``target_sr`` (channels averaged,
+    our resampler), up to ``max_seconds``: one decoded frame at a time, so with
+    ``encode_flac_stream`` a video of any length costs its FLAC bytes, not its PCM (as audio files
+    do with ``iter_audio``). ``AudioDecodeError`` as soon as a problem shows."""
     import av
 
     with _open(path) as container:
@@ -65,32 +74,70 @@ def _audio(path: str, target_sr: int, max_seconds: float | None) -> np.ndarray:
         # rate converted by our resampler, exactly as for audio files.
         planar = av.AudioResampler(format="fltp", rate=sr)
         rs = None if sr == target_sr else Resampler(sr, target_sr)
-        out, taken = [], 0
-        def take(parts) -> None:
+        taken = 0
+
+        def blocks(parts) -> Iterator[np.ndarray]:
             nonlocal taken
             for part in parts:
                 mono = part.to_ndarray().astype(np.float32).mean(axis=0)
                 if limit is not None:
                     mono = mono[: max(0, limit - taken)]
                 taken += mono.size
-                out.append(mono if rs is None else rs.push(mono))
+                if not np.all(np.isfinite(mono)):
+                    raise AudioDecodeError(path, "audio stream has NaN or infinite samples", "non_finite")
+                yield mono if rs is None else rs.push(mono)
 
         try:
             for frame in container.decode(stream):
-                take(planar.resample(frame))
+                yield from blocks(planar.resample(frame))
                 if limit is not None and taken >= limit:
                     break
-            take(planar.resample(None))
+            yield from blocks(planar.resample(None))
         except av.error.FFmpegError as exc:
             raise AudioDecodeError(path, f"audio stream does not decode ({exc})", "decode_error") from exc
         except ValueError as exc:  # PyAV: a frame whose layout or rate changed mid-stream
             raise AudioDecodeError(path, f"audio stream changes its format ({exc})", "channel_layout") from exc
         if rs is not None:
-            out.append(rs.finish())
-    audio = np.concatenate(out) if out else np.zeros(0, np.float32)
-    if not np.all(np.isfinite(audio)):
-        raise AudioDecodeError(path, "audio stream has NaN or infinite samples", "non_finite")
-    return audio
+            yield rs.finish()
+
+
+SEEK_GAP = 8.0  # seconds: a wanted frame further ahead than this is reached by seeking, not decoding
+
+
+def pick_frames(container, stream, wanted: list[float], seek_gap: float = SEEK_GAP) -> tuple[list, int] | None:
+    """The first decoded frame at or after each of the ``wanted`` times (seconds on the stream's
+    clock, ascending), as PIL images, and how many frames were decoded. Frames are decoded in order;
+    when the next wanted time lies more than ``seek_gap`` past the last decoded frame, the container
+    seeks to the keyframe at or before it instead (a long video costs a few GOPs, not its length),
+    which picks the same frame. None when a seek lands after its time (the frame cannot then be
+    vouched for: decode from the start with ``seek_gap=inf``); ``([], n)`` for a stream with no
+    decodable frame. A stream that ends early gives its last frame for the remaining times."""
+    picked: list = []
+    decoded, last = 0, None
+    while len(picked) < len(wanted):
+        t = wanted[len(picked)]
+        seeked = last is not None and t - last.time > seek_gap
+        if seeked:
+            container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.time is None:
+                continue
+            decoded += 1
+            if seeked:
+                if frame.time > t + 1e-6:
+                    return None
+                seeked = False
+            last = frame
+            while len(picked) < len(wanted) and frame.time + 1e-6 >= wanted[len(picked)]:
+                picked.append(frame.to_image())
+            if len(picked) == len(wanted) or wanted[len(picked)] - frame.time > seek_gap:
+                break
+        else:  # the stream ended
+            break
+    if last is None:
+        return [], decoded
+    picked += [last.to_image()] * (len(wanted) - len(picked))
+    return picked, decoded
 
 
 def _frames(path: str, frames: int, frame_size: int, max_seconds: float | None) -> tuple[bytes, float]:
@@ -117,40 +164,34 @@ def _frames(path: str, frames: int, frame_size: int, max_seconds: float | None) 
         if max_seconds is not None:
             duration = min(duration, max_seconds)
         wanted = [start + t for t in frame_times(duration, frames)]
-        strip = Image.new("RGB", (frames * frame_size, frame_size))
-        got, last = 0, None
         try:
-            for frame in container.decode(stream):
-                if frame.time is None:
-                    continue
-                last = frame
-                while got < frames and frame.time + 1e-6 >= wanted[got]:
-                    strip.paste(centre_square(frame.to_image().convert("RGB"), frame_size), (got * frame_size, 0))
-                    got += 1
-                if got == frames:
-                    break
+            picked = pick_frames(container, stream, wanted)
+            if picked is None:  # a seek landed past its frame: decode from the start instead
+                with _open(path) as again:
+                    picked = pick_frames(again, again.streams.video[0], wanted, seek_gap=float("inf"))
         except av.error.FFmpegError as exc:
             raise AudioDecodeError(path, f"video stream does not decode ({exc})", "decode_error") from exc
-        if last is None:
-            raise AudioDecodeError(path, "the video stream has no decodable frame", "no_video_stream")
-        while got < frames:  # a stream that ends before its stated duration: its last frame
-            strip.paste(centre_square(last.to_image().convert("RGB"), frame_size), (got * frame_size, 0))
-            got += 1
+    images, _ = picked
+    if not images:
+        raise AudioDecodeError(path, "the video stream has no decodable frame", "no_video_stream")
+    strip = Image.new("RGB", (frames * frame_size, frame_size))
+    for i, image in enumerate(images):
+        strip.paste(centre_square(image.convert("RGB"), frame_size), (i * frame_size, 0))
     buf = io.BytesIO()
     strip.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue(), source_seconds
 
 
 def read_video(path: str | Path, target_sr: int, max_seconds: float | None, frames: int,
-               frame_size: int) -> tuple[np.ndarray, bytes, float]:
-    """``(mono float32 audio at target_sr, JPEG strip of `frames` tiles, the video's duration in s)``;
-    ``AudioDecodeError`` (codes ``unreadable``, ``no_audio_stream``, ``no_video_stream``,
-    ``decode_error``, ``channel_layout``, ...) otherwise. The whole audio track is held in memory
-    (about 190 KB per second at 48 kHz): cap long videos with ``max_seconds``."""
+               frame_size: int) -> tuple[EncodedAudio, bytes, float]:
+    """``(the audio track as mono FLAC at target_sr, JPEG strip of `frames` tiles, the video's
+    duration in s)``; ``AudioDecodeError`` (codes ``unreadable``, ``no_audio_stream``,
+    ``no_video_stream``, ``decode_error``, ``channel_layout``, ``non_finite``) otherwise. Memory:
+    the FLAC bytes and one decoded frame, whatever the video's length."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if frame_size < 16 or frame_size % 16:
         raise ValueError(f"frame_size must be a positive multiple of 16, got {frame_size}")
     path = str(path)
     strip, seconds = _frames(path, frames, frame_size, max_seconds)
-    return _audio(path, target_sr, max_seconds), strip, seconds
+    return encode_flac_stream(iter_video_audio(path, target_sr, max_seconds)), strip, seconds
