@@ -101,9 +101,9 @@ class _ThreeTowers(nn.Module):
         return feats, dict(zip(("audio-text", "audio-image", "image-text"), self.log_scales.exp()))
 
 
-@pytest.mark.parametrize("pairs", [{"audio-text": 1.0, "audio-image": 0.5, "image-text": 2.0},
-                                   {"audio-image": 1.0, "image-text": 1.0}])
-def test_gradcache_matches_single_graph_pairwise(pairs):
+@pytest.mark.parametrize("pairs, frozen", [({"audio-text": 1.0, "audio-image": 0.5, "image-text": 2.0}, frozenset()),
+                                           ({"audio-image": 1.0, "image-text": 1.0}, frozenset({"text"}))])
+def test_gradcache_matches_single_graph_pairwise(pairs, frozen):
     """AudioCLIP's three pairs and VIP-ANT's two with a frozen tower: accumulation scores every
     micro-batch's rows against all others, as one graph over the whole batch does."""
     from clapscale.losses import PairwiseInfoNCE
@@ -119,8 +119,15 @@ def test_gradcache_matches_single_graph_pairwise(pairs):
     ref_loss.backward()
     model = _ThreeTowers().train()
     torch.manual_seed(123)
-    loss, finite = accumulated_backward(micro, model, loss_fn, lambda s: s.backward(), lambda l: bool(torch.isfinite(l)))
-    assert finite
+    graded = []
+
+    def loss_of(feats, scales):
+        graded.append({k for k, v in feats.items() if v.requires_grad})
+        return loss_fn(feats, scales)
+
+    loss, finite = accumulated_backward(micro, model, loss_of, lambda s: s.backward(), lambda l: bool(torch.isfinite(l)),
+                                        frozen=frozen)
+    assert finite and graded == [{"audio", "image", "text"} - frozen]  # a frozen tower's rows are constants
     torch.testing.assert_close(loss, ref_loss.detach())
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         if p.requires_grad:

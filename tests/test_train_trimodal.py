@@ -85,6 +85,7 @@ def test_vipant_bi_bi_modal_trains_audio_only_through_the_frozen_pivot(picture_s
     _ok(_train(2, _args(picture_shards, tmp_path, "vipant", "model.embed_dim=384", "model.pivot=true",
                         "model.image.frozen=true", "model.text.frozen=true", "eval.tasks=[retrieval, zeroshot, image_retrieval]",
                         "data.backend=dali",  # DALI decodes the pictures (AudioCLIP's run reads with webdataset)
+                        "train.grad_accum=2",  # GradCache with the frozen pivot's rows as constants
                         "loss.weight_audio_text=0", "loss.weight_audio_image=1", "loss.weight_image_text=1"),
                 timeout=400))
     run = tmp_path / "vipant"

@@ -375,26 +375,18 @@ class DaliLoader:
     def _images(self, rows: list[dict[str, Any]]) -> list[torch.Tensor | None]:
         """Each row's picture (rows carry ``jpg`` and ``plan``); None for one that does not decode,
         skipped and counted as ``bad_image``."""
-        if not rows:
-            return []
-        try:
-            return self._run_image(rows)
-        except RuntimeError as e:
-            # As for audio: one bad JPEG kills the pipeline; find it with PIL and decode the rest.
-            log.warning("DALI image decoder failed on a batch (%s); checking its pictures one by one",
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+        def reset() -> None:
             self._image = None
-            good = []
-            for i, r in enumerate(rows):
-                try:
-                    decode_image(r["jpg"].tobytes(), self.data_cfg.image_size)
-                    good.append(i)
-                except ValueError as err:
-                    self._skip("bad_image", r["where"], str(err), r["pick"])
-            out: list[torch.Tensor | None] = [None] * len(rows)
-            for i, t in zip(good, self._run_image([rows[i] for i in good]) if good else []):
-                out[i] = t
-            return out
+
+        def check(row: dict[str, Any]) -> str | None:
+            try:
+                decode_image(row["jpg"].tobytes(), self.data_cfg.image_size)
+            except ValueError as err:
+                return str(err)
+            return None
+
+        return _run_isolating(rows, self._run_image, reset, check,
+                              lambda row, why: self._skip("bad_image", row["where"], why, row["pick"]), "image")
 
     def _plan_image(self, row: dict[str, Any]) -> ImagePlan | None:
         """The row's image plan (tile drawn after the audio's draws, as the webdataset backend
@@ -467,32 +459,27 @@ class DaliLoader:
                 out[i] = self._decode_capped(r)
         if not via_dali:
             return out
-        if self._decoder is None:
-            self._decoder = self._build_decoder()
-        try:
-            self._decoder.feed_input("flac", [rows[i]["flac"] for i in via_dali])
-            (audio,) = self._decoder.run()
-            for j, i in enumerate(via_dali):
-                out[i] = np.array(audio[j], dtype=np.float32).reshape(-1)
-        except RuntimeError as e:
-            # One bad stream kills the whole DALI pipeline: rebuild it, find the culprits with
-            # libsndfile (rare, so the slow path is fine) and decode the rest again.
-            log.warning("DALI audio decoder failed on a batch (%s); checking its samples one by one",
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
-            self._decoder = None
-            good = []
-            for i in via_dali:
-                try:
-                    sf.read(io.BytesIO(rows[i]["flac"].tobytes()), dtype="float32")
-                    good.append(i)
-                except (sf.LibsndfileError, RuntimeError, ValueError) as err:
-                    self._skip("decode_error", rows[i]["where"], repr(err), rows[i]["pick"])
-            if good:
+        def run(batch: list[dict[str, Any]]) -> list[np.ndarray]:
+            if self._decoder is None:
                 self._decoder = self._build_decoder()
-                self._decoder.feed_input("flac", [rows[i]["flac"] for i in good])
-                (audio,) = self._decoder.run()
-                for j, i in enumerate(good):
-                    out[i] = np.array(audio[j], dtype=np.float32).reshape(-1)
+            self._decoder.feed_input("flac", [r["flac"] for r in batch])
+            (audio,) = self._decoder.run()
+            return [np.array(audio[j], dtype=np.float32).reshape(-1) for j in range(len(batch))]
+
+        def reset() -> None:
+            self._decoder = None
+
+        def check(row: dict[str, Any]) -> str | None:
+            try:
+                sf.read(io.BytesIO(row["flac"].tobytes()), dtype="float32")
+            except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+                return repr(err)
+            return None
+
+        decoded = _run_isolating([rows[i] for i in via_dali], run, reset, check,
+                                 lambda row, why: self._skip("decode_error", row["where"], why, row["pick"]), "audio")
+        for i, wave in zip(via_dali, decoded):
+            out[i] = wave
         return out
 
     def _decode_capped(self, row: dict[str, Any]) -> np.ndarray | None:
@@ -758,6 +745,7 @@ def build_image_pipeline(size: int, batch_size: int, threads: int, device_id: in
         img = fn.decoders.image_slice(
             jpg, box[0:2], box[2:4], device="mixed" if gpu else "cpu", output_type=types.RGB,
             normalized_anchor=False, normalized_shape=False, axis_names="WH",
+            adjust_orientation=False,  # as PIL (and CLIP's preprocessing) read it: EXIF rotation ignored
         )
         if scales:
             img = fn.resize(img, size=[size, size], roi_start=start, roi_end=end, roi_relative=False,
@@ -783,6 +771,58 @@ def run_image_pipeline(pipe, jpgs: list[np.ndarray], plans: list[ImagePlan], siz
     pipe.feed_input("end", [w[3:1:-1].copy() for w in windows])
     (out,) = pipe.run()
     return _to_torch(out)
+
+
+def _run_isolating(rows: list[Any], run: Callable[[list[Any]], list[Any]], reset: Callable[[], None],
+                   check: Callable[[Any], str | None], skip: Callable[[Any, str], None], what: str) -> list[Any]:
+    """``run(rows)`` (a DALI decoder over a batch) -> one output per row, None for rows skipped.
+
+    One bad row kills a DALI pipeline. On a failure ``reset()`` drops it; rows that ``check`` (an
+    independent decoder: libsndfile, PIL) refuses are ``skip``ped with its reason, the rest run
+    again; if DALI still fails (a row it refuses and the other decoder accepts), rows run one at a
+    time and those DALI alone refuses are skipped with its message. Rare, so the slow path is fine.
+    """
+    if not rows:
+        return []
+    try:
+        return run(rows)
+    except RuntimeError as e:
+        log.warning("DALI %s decoder failed on a batch (%s); checking its samples one by one", what, _dali_message(e))
+    reset()
+    out: list[Any] = [None] * len(rows)
+    good = []
+    for i, row in enumerate(rows):
+        problem = check(row)
+        if problem is None:
+            good.append(i)
+        else:
+            skip(row, problem)
+    if not good:
+        return out
+    try:
+        for i, value in zip(good, run([rows[i] for i in good])):
+            out[i] = value
+        return out
+    except RuntimeError:
+        reset()
+    for i in good:
+        try:
+            (out[i],) = run([rows[i]])
+        except RuntimeError as e:
+            reset()
+            skip(rows[i], f"DALI's {what} decoder refuses it: {_dali_message(e)}")
+    return out
+
+
+def _dali_message(exc: BaseException) -> str:
+    """The informative line of a DALI pipeline error: the one after "encountered:" (what precedes it
+    is the operator's Python traceback), else the first line that is not boilerplate."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if "encountered:" in lines[:-1]:
+        return lines[lines.index("encountered:") + 1][:300]
+    generic = ("Critical error in pipeline", "Current pipeline object is no longer valid")
+    useful = [ln for ln in lines if not ln.startswith(generic)]
+    return (useful or lines or [type(exc).__name__])[0][:300]
 
 
 class _ReaderStream:

@@ -18,8 +18,10 @@ in training, tile ``(K - 1) // 2`` in evaluation (VIP-ANT's "second of four").
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +97,8 @@ def iter_video_audio(path: str, target_sr: int, max_seconds: float | None) -> It
             yield from blocks(planar.resample(None))
         except av.error.FFmpegError as exc:
             raise AudioDecodeError(path, f"audio stream does not decode ({exc})", "decode_error") from exc
+        except AudioDecodeError:  # our own (a ValueError too): its code stands
+            raise
         except ValueError as exc:  # PyAV: a frame whose layout or rate changed mid-stream
             raise AudioDecodeError(path, f"audio stream changes its format ({exc})", "channel_layout") from exc
         if rs is not None:
@@ -104,20 +108,24 @@ def iter_video_audio(path: str, target_sr: int, max_seconds: float | None) -> It
 SEEK_GAP = 8.0  # seconds: a wanted frame further ahead than this is reached by seeking, not decoding
 
 
-def pick_frames(container, stream, wanted: list[float], seek_gap: float = SEEK_GAP) -> tuple[list, int] | None:
-    """The first decoded frame at or after each of the ``wanted`` times (seconds on the stream's
-    clock, ascending), as PIL images, and how many frames were decoded. Frames are decoded in order;
-    when the next wanted time lies more than ``seek_gap`` past the last decoded frame, the container
-    seeks to the keyframe at or before it instead (a long video costs a few GOPs, not its length),
-    which picks the same frame. None when a seek lands after its time (the frame cannot then be
-    vouched for: decode from the start with ``seek_gap=inf``); ``([], n)`` for a stream with no
-    decodable frame. A stream that ends early gives its last frame for the remaining times."""
+def pick_frames(container, stream, wanted: list[float], convert: Callable[[Any], Any],
+                seek_gap: float = SEEK_GAP) -> tuple[list, int] | None:
+    """``convert(frame)`` of the first decoded frame at or after each of the ``wanted`` times (seconds
+    on the stream's clock, ascending), and how many frames were decoded. Frames are decoded in
+    order; when the next wanted time lies more than ``seek_gap`` past the last decoded frame, the
+    container seeks to the keyframe at or before it and decodes on from there until that time is
+    reached (a long video costs a few GOPs, not its length), which picks the same frame. A seek that
+    lands no further than where decoding already was turns seeking off (keyframes too far apart to
+    gain anything). None when a seek lands after its time (the frame cannot then be vouched for:
+    decode from the start with ``seek_gap=inf``); ``([], n)`` for a stream with no decodable frame.
+    A stream that ends early gives its last frame for the remaining times."""
     picked: list = []
     decoded, last = 0, None
     while len(picked) < len(wanted):
         t = wanted[len(picked)]
-        seeked = last is not None and t - last.time > seek_gap
+        seeked = sought = last is not None and t - last.time > seek_gap
         if seeked:
+            before = last.time
             container.seek(int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
         for frame in container.decode(stream):
             if frame.time is None:
@@ -126,17 +134,23 @@ def pick_frames(container, stream, wanted: list[float], seek_gap: float = SEEK_G
             if seeked:
                 if frame.time > t + 1e-6:
                     return None
+                if frame.time <= before + 1e-6:
+                    seek_gap = float("inf")
                 seeked = False
             last = frame
             while len(picked) < len(wanted) and frame.time + 1e-6 >= wanted[len(picked)]:
-                picked.append(frame.to_image())
-            if len(picked) == len(wanted) or wanted[len(picked)] - frame.time > seek_gap:
+                picked.append(convert(frame))
+            if len(picked) == len(wanted):
+                break
+            # After a seek, seek again only once its time is reached: the frames before it are needed.
+            if (not sought or frame.time + 1e-6 >= t) and wanted[len(picked)] - frame.time > seek_gap:
                 break
         else:  # the stream ended
             break
     if last is None:
         return [], decoded
-    picked += [last.to_image()] * (len(wanted) - len(picked))
+    if len(picked) < len(wanted):
+        picked += [convert(last)] * (len(wanted) - len(picked))
     return picked, decoded
 
 
@@ -164,19 +178,26 @@ def _frames(path: str, frames: int, frame_size: int, max_seconds: float | None) 
         if max_seconds is not None:
             duration = min(duration, max_seconds)
         wanted = [start + t for t in frame_times(duration, frames)]
+
+        def tile(frame):  # kept at tile size: K frames of a 4K video would be ~100 MB
+            return centre_square(frame.to_image().convert("RGB"), frame_size)
+
         try:
-            picked = pick_frames(container, stream, wanted)
-            if picked is None:  # a seek landed past its frame: decode from the start instead
-                with _open(path) as again:
-                    picked = pick_frames(again, again.streams.video[0], wanted, seek_gap=float("inf"))
-        except av.error.FFmpegError as exc:
-            raise AudioDecodeError(path, f"video stream does not decode ({exc})", "decode_error") from exc
-    images, _ = picked
-    if not images:
+            picked = pick_frames(container, stream, wanted, tile)
+        except av.error.FFmpegError:
+            picked = None  # a seek the demuxer refuses: decode from the start instead
+    if picked is None:  # (or a seek landed past its frame)
+        with _open(path) as again:
+            try:
+                picked = pick_frames(again, again.streams.video[0], wanted, tile, seek_gap=float("inf"))
+            except av.error.FFmpegError as exc:
+                raise AudioDecodeError(path, f"video stream does not decode ({exc})", "decode_error") from exc
+    tiles, _ = picked
+    if not tiles:
         raise AudioDecodeError(path, "the video stream has no decodable frame", "no_video_stream")
     strip = Image.new("RGB", (frames * frame_size, frame_size))
-    for i, image in enumerate(images):
-        strip.paste(centre_square(image.convert("RGB"), frame_size), (i * frame_size, 0))
+    for i, image in enumerate(tiles):
+        strip.paste(image, (i * frame_size, 0))
     buf = io.BytesIO()
     strip.save(buf, format="JPEG", quality=JPEG_QUALITY)
     return buf.getvalue(), source_seconds
@@ -187,11 +208,12 @@ def read_video(path: str | Path, target_sr: int, max_seconds: float | None, fram
     """``(the audio track as mono FLAC at target_sr, JPEG strip of `frames` tiles, the video's
     duration in s)``; ``AudioDecodeError`` (codes ``unreadable``, ``no_audio_stream``,
     ``no_video_stream``, ``decode_error``, ``channel_layout``, ``non_finite``) otherwise. Memory:
-    the FLAC bytes and one decoded frame, whatever the video's length."""
+    the FLAC bytes, the strip's tiles and a decoded frame or two, whatever the video's length."""
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     if frame_size < 16 or frame_size % 16:
         raise ValueError(f"frame_size must be a positive multiple of 16, got {frame_size}")
     path = str(path)
     strip, seconds = _frames(path, frames, frame_size, max_seconds)
-    return encode_flac_stream(iter_video_audio(path, target_sr, max_seconds)), strip, seconds
+    with closing(iter_video_audio(path, target_sr, max_seconds)) as blocks:  # closes the file on errors too
+        return encode_flac_stream(blocks), strip, seconds

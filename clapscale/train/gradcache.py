@@ -44,6 +44,7 @@ def accumulated_backward(
     loss_of: Callable[[Rows, Scalars], torch.Tensor],
     backward: Callable[[torch.Tensor], None],
     is_finite: Callable[[torch.Tensor], bool],
+    frozen: frozenset[str] = frozenset(),
 ) -> tuple[torch.Tensor, bool]:
     """Loss and gradient of the concatenated micro-batches, one micro-batch graph at a time.
 
@@ -52,9 +53,12 @@ def accumulated_backward(
     loss of the rows of all micro-batches concatenated (same keys); ``backward(surrogate)`` runs once
     per micro-batch (the engine's backward + step). The parameter gradient summed over the
     ``backward`` calls equals that of ``loss_of`` on the concatenation: the surrogate
-    ``sum_k <r_k, dL/dr_k> + sum_j s_j * dL/ds_j / A`` has exactly that gradient. Rows without a
-    gradient (a frozen tower's) pass through. Returns ``(loss, finite)``; when not finite, nothing is
-    back-propagated.
+    ``sum_k <r_k, dL/dr_k> + sum_j s_j * dL/ds_j / A`` has exactly that gradient. Rows named in
+    ``frozen`` (no trainable parameter feeds them: VIP-ANT's frozen pivot towers) enter the loss as
+    constants, so the loss neither differentiates nor gathers them with a gradient; they are still
+    recomputed with the rest of each micro-batch (one forward call yields every modality), which
+    costs the frozen towers a second forward. Returns ``(loss, finite)``; when not finite, nothing
+    is back-propagated.
     """
     states: list[_RngState] = []
     rows: dict[str, list[torch.Tensor]] = {}
@@ -66,7 +70,7 @@ def accumulated_backward(
             for k, v in r.items():
                 rows.setdefault(k, []).append(v.float())
     after = _rng_snapshot()
-    all_rows = {k: torch.cat(v).requires_grad_(True) for k, v in rows.items()}
+    all_rows = {k: torch.cat(v).requires_grad_(k not in frozen) for k, v in rows.items()}
     leaf_scalars = {k: v.detach().float().requires_grad_(True) for k, v in scalars.items()}
     loss = loss_of(all_rows, leaf_scalars)
     if not is_finite(loss):

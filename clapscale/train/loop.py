@@ -195,13 +195,25 @@ class Trainer:
             return self.loss_fn({k: v.float() for k, v in feats.items()}, {k: v.float() for k, v in scales.items()})
 
         if len(micro) > 1:
-            return accumulated_backward(micro, self._forward, loss_of, self._accumulated_backward, self._all_finite)
+            return accumulated_backward(micro, self._forward, loss_of, self._accumulated_backward, self._all_finite,
+                                        frozen=self._rows_without_grad())
         loss = loss_of(*self._forward(micro[0]))
         if not self._all_finite(loss):
             return loss.detach(), False
         self.engine.backward(loss)
         self._engine_step()
         return loss.detach(), True
+
+    def _rows_without_grad(self) -> frozenset[str]:
+        """Modalities whose embeddings no trainable parameter feeds (a frozen tower and no trained
+        projection after it: VIP-ANT's pivot)."""
+        model = self.engine.module
+        out = set()
+        for modality in ("audio", "text", "image"):
+            parts = [getattr(model, f"{modality}_{part}", None) for part in ("tower", "projection")]
+            if parts[0] is not None and not any(p.requires_grad for m in parts if m is not None for p in m.parameters()):
+                out.add(modality)
+        return frozenset(out)
 
     def _accumulated_backward(self, surrogate: torch.Tensor) -> None:
         # The surrogate already carries the whole accumulated gradient: no 1/A scaling.
