@@ -26,24 +26,28 @@ REPO = Path(__file__).resolve().parents[1]
 COLOURS = [(230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20)]  # red, green, blue, yellow
 
 
+def _encode_pictures(out, vs, pictures, offset: int) -> None:
+    """Encode 64 x 48 RGB ``pictures`` into video stream ``vs`` of ``out``, timestamps from ``offset`` s."""
+    fps = int(vs.codec_context.framerate)
+    vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+    for i, rgb in enumerate(pictures):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts, frame.time_base = i + offset * fps, Fraction(1, fps)
+        for packet in vs.encode(frame):
+            out.mux(packet)
+    for packet in vs.encode():
+        out.mux(packet)
+
+
 def _write_video(path: Path, seconds: float = 2.0, fps: int = 8, audio: bool = True, offset: int = 0,
                  vcodec: str = "mpeg4", acodec: str = "aac") -> None:
     with av.open(str(path), "w") as out:
         vs = out.add_stream(vcodec, rate=fps)
-        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
         if audio:
             ast = out.add_stream(acodec, rate=44100)
             ast.layout = "stereo"
         n = int(seconds * fps)
-        for i in range(n):
-            rgb = np.zeros((48, 64, 3), np.uint8)
-            rgb[:] = COLOURS[i * 4 // n]
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts, frame.time_base = i + offset * fps, Fraction(1, fps)
-            for packet in vs.encode(frame):
-                out.mux(packet)
-        for packet in vs.encode():
-            out.mux(packet)
+        _encode_pictures(out, vs, (np.full((48, 64, 3), COLOURS[i * 4 // n], np.uint8) for i in range(n)), offset)
         if audio:
             t = np.arange(int(seconds * 44100)) / 44100
             tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
@@ -177,19 +181,15 @@ def test_bad_video_options_are_one_line_errors(tmp_path):
 def _write_long_video(path: Path, seconds: int, fps: int, gop: int, vcodec: str, offset: int = 0) -> None:
     """Video only, every frame distinct: a grey level counting frames and a bar at a frame-dependent
     column, so that any other frame than the one meant would show."""
+    def picture(i: int) -> np.ndarray:
+        rgb = np.full((48, 64, 3), (i * 3) % 200 + 20, np.uint8)
+        rgb[:, (i * 5) % 56: (i * 5) % 56 + 8] = (250, 30, 30)
+        return rgb
+
     with av.open(str(path), "w") as out:
         vs = out.add_stream(vcodec, rate=fps)
-        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
         vs.codec_context.gop_size = gop
-        for i in range(seconds * fps):
-            rgb = np.full((48, 64, 3), (i * 3) % 200 + 20, np.uint8)
-            rgb[:, (i * 5) % 56: (i * 5) % 56 + 8] = (250, 30, 30)
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts, frame.time_base = i + offset * fps, Fraction(1, fps)
-            for packet in vs.encode(frame):
-                out.mux(packet)
-        for packet in vs.encode():
-            out.mux(packet)
+        _encode_pictures(out, vs, (picture(i) for i in range(seconds * fps)), offset)
 
 
 @pytest.mark.parametrize("vcodec, suffix, offset, gop", [
