@@ -249,30 +249,45 @@ def test_dali_pictures_on_the_gpu_equal_the_cpu_decoders(picture_set):
         assert float(diff.max()) < 0.1 and float(diff.mean()) < 0.01, where
 
 
-def test_a_row_only_dali_refuses_is_skipped_with_dalis_reason_and_the_rest_decoded():
+def test_dali_isolates_the_rows_it_refuses_whatever_they_are_batched_with():
     """The isolation path of the DALI decoders (clapscale.data.dali._run_isolating), with a stand-in
-    for the DALI pipeline (a function that fails its whole batch when it holds row "d", as a DALI
-    pipeline dies on one bad stream): rows the independent decoder refuses are skipped with its
-    reason, a row only DALI refuses with DALI's message, and every other row is decoded."""
+    for a DALI pipeline (a function that fails its whole batch when it holds row "d" or "p", as a
+    DALI pipeline dies on one bad stream): each refused row is skipped -- with the independent
+    decoder's reason where it refuses the row too ("p"), else DALI's message ("d") -- and every
+    other row is decoded, whatever it was batched with ("t": refused by the other decoder only,
+    decoded by DALI, in a clean batch and in a failing one alike)."""
     from clapscale.data.dali import _run_isolating
 
-    runs, resets, skipped = [], [], []
+    message = ("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\n"
+               "  File \"x.py\", line 1\n\nencountered:\n\ncannot decode {}\n"
+               "Current pipeline object is no longer valid.")
+    runs, skipped = [], []
 
     def run(batch):
         runs.append(list(batch))
-        if "d" in batch:
-            raise RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image`,\n"
-                               "  File \"x.py\", line 1\n\nencountered:\n\ncannot decode d\n"
-                               "Current pipeline object is no longer valid.")
+        bad = [b for b in batch if b in "dp"]
+        if bad:
+            raise RuntimeError(message.format(bad[0]))
         return [b.upper() for b in batch]
 
     def check(row):
-        return "not an image" if row == "p" else None
+        return "not an image" if row in "pt" else None
 
-    out = _run_isolating(["a", "d", "p", "b"], run, lambda: resets.append(1), check,
-                         lambda row, why: skipped.append((row, why)), "image")
-    assert out == ["A", None, None, "B"]
-    assert skipped[0] == ("p", "not an image")
-    assert skipped[1][0] == "d" and "cannot decode d" in skipped[1][1]
-    assert runs[0] == ["a", "d", "p", "b"] and ["a", "d", "b"] in runs and ["a"] in runs and ["b"] in runs
-    assert _run_isolating(["a", "b"], run, lambda: None, check, lambda *a: None, "image") == ["A", "B"]
+    def skip(row, why):
+        skipped.append((row, why))
+
+    assert _run_isolating(["a", "t", "b"], run, lambda: None, check, skip, "image") == ["A", "T", "B"]
+    out = _run_isolating(["a", "d", "t", "p", "b"], run, lambda: None, check, skip, "image")
+    assert out == ["A", None, "T", None, "B"]
+    assert skipped[0][0] == "d" and "cannot decode d" in skipped[0][1]  # DALI's own line, not boilerplate
+    assert skipped[1] == ("p", "not an image")
+    assert len(skipped) == 2
+
+    # Every row failing alone while the other decoder reads them: not the data's fault -> raised.
+    def broken(batch):
+        raise RuntimeError("Critical error in pipeline:\nencountered:\n\nout of memory")
+
+    with pytest.raises(RuntimeError, match="not a data problem.*out of memory"):
+        _run_isolating(["a", "b"], broken, lambda: None, check, skip, "image")
+    # ... but a batch the other decoder refuses whole is bad data: skipped.
+    assert _run_isolating(["p", "t"], broken, lambda: None, check, skip, "image") == [None, None]

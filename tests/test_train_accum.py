@@ -133,6 +133,10 @@ def test_gradcache_matches_single_graph_pairwise(pairs, frozen):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
     assert model.log_scales.grad is not None and model.image[0].weight.grad.abs().sum() > 0
+    # Declaring a trained modality frozen would drop its gradient: refused.
+    with pytest.raises(ValueError, match=r"\['image'\] were declared frozen"):
+        accumulated_backward(micro, model, loss_of, lambda s: s.backward(), lambda l: bool(torch.isfinite(l)),
+                             frozen=frozen | {"image"})
 
 
 def test_nonfinite_loss_back_propagates_nothing():

@@ -22,7 +22,7 @@ policies must be exactly those of the webdataset loader:
    one clip) is read by seeking to its window with libsndfile (``clapscale.data.wds.decode_crop``), on
    ``data.workers`` threads; the rest go to ``decoders.audio`` (CPU, ``data.workers`` threads). If it fails
    (corrupt frames behind a valid header), the pipeline is rebuilt and the batch's samples are
-   checked one by one with libsndfile to find and skip the bad ones. Clips longer than
+   decoded one by one to skip the ones DALI refuses (``_run_isolating``). Clips longer than
    ``audio.max_seconds`` (known from the header) are decoded by libsndfile up to the cap instead,
    so memory stays bounded.
 4. glue: ``clapscale.data.policies.apply_length_policy`` with the per-(seed, epoch, key) generator
@@ -31,14 +31,14 @@ policies must be exactly those of the webdataset loader:
    sample), ``mel_filter_bank``, ``to_decibels`` with reference 1.0 and cutoff -100 dB (DALI's
    default reference is each sample's maximum). Rows are padded to the longest (fusion) and the
    batch carries ``mel`` (B, T, n_mels) and ``mel_frames``; ``AudioFrontend`` shapes it.
-
 6. pictures (``data.image_size``): the reader also yields ``<key>.jpg``; each sample's
    ``clapscale.data.images.ImagePlan`` (which frame of a video strip, drawn after the audio's draws
    as in the webdataset backend; the scaled size; the centre crop) is computed from the JPEG header
    in Python, and one image pipeline decodes just that frame (``decoders.image_slice``: ``mixed`` =
    nvJPEG on the GPU, else CPU), scales its centre-crop window (cubic, antialiased, as PIL's
-   bicubic) and CLIP-normalises. A JPEG that kills the pipeline is found with PIL and skipped as ``bad_image``
-   (libjpeg-turbo decodes some damaged scans that PIL refuses: those pass here).
+   bicubic) and CLIP-normalises; EXIF rotation is ignored, as PIL does. A JPEG that kills the
+   pipeline is found the same way and skipped as ``bad_image`` (libjpeg-turbo decodes some damaged
+   scans that PIL refuses: those pass here).
 
 Training batches always hold exactly ``data.batch_size`` samples (samples left over after skipping
 carry into the next batch; those left at the end of an epoch are dropped). Batches per epoch:
@@ -777,40 +777,35 @@ def _run_isolating(rows: list[Any], run: Callable[[list[Any]], list[Any]], reset
                    check: Callable[[Any], str | None], skip: Callable[[Any, str], None], what: str) -> list[Any]:
     """``run(rows)`` (a DALI decoder over a batch) -> one output per row, None for rows skipped.
 
-    One bad row kills a DALI pipeline. On a failure ``reset()`` drops it; rows that ``check`` (an
-    independent decoder: libsndfile, PIL) refuses are ``skip``ped with its reason, the rest run
-    again; if DALI still fails (a row it refuses and the other decoder accepts), rows run one at a
-    time and those DALI alone refuses are skipped with its message. Rare, so the slow path is fine.
+    One bad row kills a DALI pipeline. On a failure ``reset()`` drops it and the rows run one at a
+    time; those DALI refuses alone are ``skip``ped (with the reason of ``check``, an independent
+    decoder -- libsndfile, PIL -- where it refuses them too, else DALI's message), so whether a row
+    is skipped never depends on the rows batched with it. When every row of a batch of two or more
+    fails alone although ``check`` decodes some of them, the failure is not the data's (device
+    memory, a bug): it is raised instead of skipping the batch. Rare, so the slow path is fine.
     """
     if not rows:
         return []
     try:
         return run(rows)
     except RuntimeError as e:
-        log.warning("DALI %s decoder failed on a batch (%s); checking its samples one by one", what, _dali_message(e))
+        first = e
+        log.warning("DALI %s decoder failed on a batch (%s); decoding its samples one by one", what, _dali_message(e))
     reset()
     out: list[Any] = [None] * len(rows)
-    good = []
+    refused: list[tuple[int, str]] = []
     for i, row in enumerate(rows):
-        problem = check(row)
-        if problem is None:
-            good.append(i)
-        else:
-            skip(row, problem)
-    if not good:
-        return out
-    try:
-        for i, value in zip(good, run([rows[i] for i in good])):
-            out[i] = value
-        return out
-    except RuntimeError:
-        reset()
-    for i in good:
         try:
-            (out[i],) = run([rows[i]])
+            (out[i],) = run([row])
         except RuntimeError as e:
             reset()
-            skip(rows[i], f"DALI's {what} decoder refuses it: {_dali_message(e)}")
+            refused.append((i, _dali_message(e)))
+    reasons = [(i, check(rows[i]), message) for i, message in refused]
+    if len(rows) > 1 and len(refused) == len(rows) and any(problem is None for _, problem, _ in reasons):
+        raise RuntimeError(f"DALI's {what} decoder fails on every sample of a batch, also alone, though another "
+                           f"decoder reads some of them: not a data problem ({_dali_message(first)})") from first
+    for i, problem, message in reasons:
+        skip(rows[i], problem if problem is not None else f"DALI's {what} decoder refuses it: {message}")
     return out
 
 

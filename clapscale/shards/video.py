@@ -106,6 +106,15 @@ def iter_video_audio(path: str, target_sr: int, max_seconds: float | None) -> It
 
 
 SEEK_GAP = 8.0  # seconds: a wanted frame further ahead than this is reached by seeking, not decoding
+# Containers whose frames carry other timestamps after a seek than in a decode from the start
+# (MPEG program / transport streams: half a frame later at 4 fps): decoded in order, never sought.
+NO_SEEK_FORMATS = frozenset({"mpeg", "mpegts", "mpegvideo"})
+
+
+def seek_gap_for(container) -> float:
+    """``SEEK_GAP``, or infinity (never seek) for a container in ``NO_SEEK_FORMATS``."""
+    names = set((container.format.name or "").split(","))
+    return float("inf") if names & NO_SEEK_FORMATS else SEEK_GAP
 
 
 def pick_frames(container, stream, wanted: list[float], convert: Callable[[Any], Any],
@@ -114,9 +123,10 @@ def pick_frames(container, stream, wanted: list[float], convert: Callable[[Any],
     on the stream's clock, ascending), and how many frames were decoded. Frames are decoded in
     order; when the next wanted time lies more than ``seek_gap`` past the last decoded frame, the
     container seeks to the keyframe at or before it and decodes on from there until that time is
-    reached (a long video costs a few GOPs, not its length), which picks the same frame. A seek that
-    lands no further than where decoding already was turns seeking off (keyframes too far apart to
-    gain anything). None when a seek lands after its time (the frame cannot then be vouched for:
+    reached (a long video costs a few GOPs, not its length), which picks the same frame where the
+    container's timestamps do not depend on the seek (``seek_gap_for``). A seek that lands no
+    further than where decoding already was turns seeking off for the rest (keyframes too far apart
+    to gain anything). None when a seek lands after its time (the frame cannot then be vouched for:
     decode from the start with ``seek_gap=inf``); ``([], n)`` for a stream with no decodable frame.
     A stream that ends early gives its last frame for the remaining times."""
     picked: list = []
@@ -183,7 +193,7 @@ def _frames(path: str, frames: int, frame_size: int, max_seconds: float | None) 
             return centre_square(frame.to_image().convert("RGB"), frame_size)
 
         try:
-            picked = pick_frames(container, stream, wanted, tile)
+            picked = pick_frames(container, stream, wanted, tile, seek_gap=seek_gap_for(container))
         except av.error.FFmpegError:
             picked = None  # a seek the demuxer refuses: decode from the start instead
     if picked is None:  # (or a seek landed past its frame)

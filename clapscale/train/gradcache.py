@@ -82,6 +82,9 @@ def accumulated_backward(
     for m, inputs in enumerate(micro_inputs):
         _rng_replay(states[m])
         r, s = forward(inputs)
+        wrongly_frozen = sorted(k for k in frozen if k in r and r[k].requires_grad)
+        if wrongly_frozen:  # its gradient would be dropped without a word
+            raise ValueError(f"rows {wrongly_frozen} were declared frozen but a trainable parameter feeds them")
         surrogate = sum((r[k].float() * g[m]).sum() for k, g in grad_rows.items() if g is not None)
         surrogate = surrogate + sum((s[k].float() * g).sum() for k, g in grad_scalars.items() if g is not None)
         backward(surrogate)
