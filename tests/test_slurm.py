@@ -192,8 +192,10 @@ def test_requeue_does_not_depend_on_sruns_exit_code(cluster, tmp_path):
     )
     probe.chmod(0o755)
     log = tmp_path / "job.out"
+    # --signal: pretrain.sh's time-limit warning (USR1@180) would come at once with a 3-minute limit
+    # and, landing in the requeued run, fail it (seen once in CI).
     cmd = ["sbatch", "--parsable", "--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
-           "--time=3:00", f"--output={log}", "launch/pretrain.sh", "configs/tiny.yaml"]
+           "--time=3:00", "--signal=USR1@10", f"--output={log}", "launch/pretrain.sh", "configs/tiny.yaml"]
     env = {**cluster, "CLAPSCALE_PYTHON": str(probe)}
     job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
                          check=True).stdout.strip().split(";")[0]
@@ -218,7 +220,7 @@ def test_each_rank_gets_the_cpus_per_task_it_asked_for(cluster, tmp_path):
         pytest.skip("needs 2 CPUs to give one task 2 of them")
     log = tmp_path / "job.out"
     cmd = ["sbatch", "--wait", "--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2",
-           "--time=2:00", f"--output={log}", "launch/pretrain.sh", "configs/tiny.yaml"]
+           "--time=2:00", "--signal=USR1@10", f"--output={log}", "launch/pretrain.sh", "configs/tiny.yaml"]
     proc = subprocess.run(cmd, cwd=REPO, env={**cluster, "CLAPSCALE_PYTHON": str(probe)}, capture_output=True,
                           text=True, timeout=120)
     out = log.read_text() if log.exists() else ""
