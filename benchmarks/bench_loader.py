@@ -253,7 +253,7 @@ def bench_pictures(n: int, batch: int, threads: int, dali: bool) -> dict:
         def run() -> None:
             for i in range(0, n, batch):  # the plan (a header read per picture) is the loader's work too
                 plans = [plan_image(*image_size_of(j), size, tile, frames) for j in jpgs[i:i + batch]]
-                run_image_pipeline(pipe, [np.frombuffer(j, np.uint8) for j in jpgs[i:i + batch]], plans, size)
+                run_image_pipeline(pipe, [np.frombuffer(j, np.uint8) for j in jpgs[i:i + batch]], plans)
             if device_id is not None:
                 torch.cuda.synchronize()
 

@@ -203,20 +203,22 @@ class CaptionTrainer:
         return step % self.cfg.train.checkpoint_every == 0 or step == self.cfg.train.steps
 
     def _grid_checkpoints(self) -> list[Path]:
-        return [p for p in self.checkpoints.complete() if self._on_grid(int(p.name.split("_")[1]))]
+        from clapscale.train.checkpoint import step_of
+
+        return [p for p in self.checkpoints.complete() if self._on_grid(step_of(p))]
 
     def _save(self) -> None:
         """Collective: a checkpoint of this step. Rank 0 then deletes older off-grid checkpoints
         (written on a signal, only for resuming), so preemptions never change what is averaged."""
         import shutil
 
-        from clapscale.train.checkpoint import capture_rng
+        from clapscale.train.checkpoint import capture_rng, step_of
 
         newest = self.checkpoints.save(self._state, self.step, {"step": self.step, "data": self.loader.state_dict(),
                                                                 "rng": capture_rng()}, self.cfg.to_yaml())
         if self.denv.is_main:
             for old in self.checkpoints.complete():
-                if old != newest and not self._on_grid(int(old.name.split("_")[1])):
+                if old != newest and not self._on_grid(step_of(old)):
                     shutil.rmtree(old, ignore_errors=True)
 
     def train(self) -> Path | None:

@@ -33,7 +33,7 @@ policies must be exactly those of the webdataset loader:
    batch carries ``mel`` (B, T, n_mels) and ``mel_frames``; ``AudioFrontend`` shapes it.
 6. pictures (``data.image_size``): the reader also yields ``<key>.jpg``; each sample's
    ``clapscale.data.images.ImagePlan`` (which frame of a video strip, drawn after the audio's draws
-   as in the webdataset backend; the scaled size; the centre crop) is computed from the JPEG header
+   as in the webdataset backend, and the picture size) is computed from the JPEG header
    in Python, and one image pipeline decodes just that frame (``decoders.image_slice``: ``mixed`` =
    nvJPEG on the GPU, else CPU), scales its centre-crop window (cubic, antialiased, as PIL's
    bicubic) and CLIP-normalises; EXIF rotation is ignored, as PIL does. A JPEG that kills the
@@ -369,8 +369,7 @@ class DaliLoader:
         if self._image is None:
             self._image = build_image_pipeline(self.data_cfg.image_size, self.data_cfg.batch_size,
                                                self.threads, self.device_id)
-        return list(run_image_pipeline(self._image, [r["jpg"] for r in rows], [r["plan"] for r in rows],
-                                       self.data_cfg.image_size).unbind(0))
+        return list(run_image_pipeline(self._image, [r["jpg"] for r in rows], [r["plan"] for r in rows]).unbind(0))
 
     def _images(self, rows: list[dict[str, Any]]) -> list[torch.Tensor | None]:
         """Each row's picture (rows carry ``jpg`` and ``plan``); None for one that does not decode,
@@ -760,13 +759,13 @@ def build_image_pipeline(size: int, batch_size: int, threads: int, device_id: in
     return pipe
 
 
-def run_image_pipeline(pipe, jpgs: list[np.ndarray], plans: list[ImagePlan], size: int) -> torch.Tensor:
-    """``(len(jpgs), 3, size, size)`` float32 on the pipeline's device. ``RuntimeError`` (and the
+def run_image_pipeline(pipe, jpgs: list[np.ndarray], plans: list[ImagePlan]) -> torch.Tensor:
+    """``(len(jpgs), 3, S, S)`` float32 (S: the plans' and the pipeline's size) on the pipeline's device. ``RuntimeError`` (and the
     pipeline is spent) when a JPEG does not decode."""
-    windows = [np.asarray(p.source_window(size), dtype=np.float32) for p in plans]
+    windows = [np.asarray(p.window(), dtype=np.float32) for p in plans]
     pipe.feed_input("jpg", jpgs)
     pipe.feed_input("box", [np.asarray(p.box, dtype=np.float32) for p in plans])
-    pipe.feed_input("scales", [np.bool_(p.scales(size)) for p in plans])
+    pipe.feed_input("scales", [np.bool_(p.scales) for p in plans])
     pipe.feed_input("start", [w[1::-1].copy() for w in windows])
     pipe.feed_input("end", [w[3:1:-1].copy() for w in windows])
     (out,) = pipe.run()

@@ -9,6 +9,7 @@ which frame of a video's strip (``tiles``) is used differs (chosen by the loader
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,25 +22,26 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class ImagePlan:
-    """Where a clip's ``size x size`` picture comes from in its stored JPEG (pixel units): the tile
-    ``box`` (left, top, width, height), the tile scaled so its shorter side is ``size`` (``resized``:
-    width, height; bicubic), and the centre crop's top-left corner in that (``crop``). One plan for
-    both loaders: PIL executes it in the webdataset backend, DALI's decoder in the DALI backend."""
+    """Where a clip's ``size x size`` picture comes from in its stored JPEG: the tile ``box`` (left,
+    top, width, height, in pixels) to which CLIP's evaluation transform applies (shorter side scaled
+    to ``size``, bicubic, then the centre crop). One plan for both loaders: PIL executes it in the
+    webdataset backend, DALI's decoder in the DALI backend."""
 
     box: tuple[int, int, int, int]
-    resized: tuple[int, int]
-    crop: tuple[int, int]
+    size: int
 
-    def source_window(self, size: int) -> tuple[float, float, float, float]:
+    def window(self) -> tuple[float, float, float, float]:
         """The centre crop in the tile's own pixels (x0, y0, x1, y1; fractional): scaling just this
         window to ``size x size`` samples the same points as scaling the tile and then cropping."""
-        sx, sy = self.box[2] / self.resized[0], self.box[3] / self.resized[1]
-        x, y = self.crop
-        return x * sx, y * sy, (x + size) * sx, (y + size) * sy
+        w, h = self.box[2:]
+        (rw, rh), (x, y) = square_plan(w, h, self.size)
+        sx, sy = w / rw, h / rh
+        return x * sx, y * sy, (x + self.size) * sx, (y + self.size) * sy
 
-    def scales(self, size: int) -> bool:
+    @property
+    def scales(self) -> bool:
         """False where the tile is already ``size x size`` (nothing to scale or crop)."""
-        return self.box[2:] != (size, size)
+        return self.box[2:] != (self.size, self.size)
 
 
 def square_plan(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -55,22 +57,28 @@ def plan_image(width: int, height: int, size: int, tile: int = 0, tiles: int = 1
     if width % tiles:
         raise ValueError(f"a strip of {tiles} frames must be a multiple of {tiles} wide, got {width}")
     tw = width // tiles
-    resized, crop = square_plan(tw, height, size)
-    return ImagePlan((tile * tw, 0, tw, height), resized, crop)
+    return ImagePlan((tile * tw, 0, tw, height), size)
 
 
-def image_size_of(data: bytes) -> tuple[int, int]:
-    """(width, height) of an image from its header alone (nothing decoded). ``ValueError`` for
-    bytes over ``MAX_IMAGE_BYTES`` or that are not an image."""
+@contextmanager
+def _opened(data: bytes):
+    """The PIL image of ``data``; ``ValueError`` for bytes over ``MAX_IMAGE_BYTES`` or that are not
+    (or, once decoding starts in the body, turn out not to be) a decodable image."""
     from PIL import Image
 
     if len(data) > MAX_IMAGE_BYTES:
         raise ValueError(f"image of {len(data)} bytes exceeds {MAX_IMAGE_BYTES}")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.size
+            yield im
     except (OSError, SyntaxError) as exc:
         raise ValueError(f"image does not decode ({exc})") from exc
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    """(width, height) of an image from its header alone (nothing decoded); ``ValueError`` as ``_opened``."""
+    with _opened(data) as im:
+        return im.size
 
 
 def centre_square(im, size: int):
@@ -93,15 +101,8 @@ def decode_image(data: bytes, size: int, tile: int = 0, tiles: int = 1) -> np.nd
     """JPEG bytes -> float32 ``(3, size, size)``, CLIP-normalised. ``ValueError`` for bytes that are
     not a decodable image or exceed ``MAX_IMAGE_BYTES``. With ``tiles`` > 1 the image is a strip of
     that many equal tiles side by side (a video's frames) and only tile ``tile`` is used."""
-    from PIL import Image
-
-    plan = plan_image(*image_size_of(data), size, tile, tiles)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            left, top, w, h = plan.box
-            im = im.convert("RGB").crop((left, top, left + w, top + h)).resize(plan.resized, Image.Resampling.BICUBIC)
-            left, top = plan.crop
-            rgb = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float32) / 255.0
-    except (OSError, SyntaxError) as exc:
-        raise ValueError(f"image does not decode ({exc})") from exc
+    with _opened(data) as im:
+        left, top, w, h = plan_image(*im.size, size, tile, tiles).box
+        rgb = np.asarray(centre_square(im.convert("RGB").crop((left, top, left + w, top + h)), size),
+                         dtype=np.float32) / 255.0
     return normalise(rgb)

@@ -42,6 +42,14 @@ import torch.distributed as dist
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
+def step_of(path: Path) -> int:
+    """The step of a checkpoint directory (``step_00000008`` -> 8)."""
+    m = _STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint directory (step_NNNNNNNN)")
+    return int(m.group(1))
+
+
 def capture_rng() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) generator states as weights_only-loadable data."""
     py_version, py_state, py_gauss = random.getstate()

@@ -26,6 +26,7 @@ batches of 32+ per rank the statistics are close; running statistics are rank 0'
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -196,17 +197,13 @@ class Trainer:
 
         if len(micro) > 1:
             return accumulated_backward(micro, self._forward, loss_of, self._accumulated_backward, self._all_finite,
-                                        frozen=self._rows_without_grad())
-        loss = loss_of(*self._forward(micro[0]))
-        if not self._all_finite(loss):
-            return loss.detach(), False
-        self.engine.backward(loss)
-        self._engine_step()
-        return loss.detach(), True
+                                        frozen=self._rows_without_grad)
+        return self._backward_step(loss_of(*self._forward(micro[0])))
 
+    @functools.cached_property
     def _rows_without_grad(self) -> frozenset[str]:
         """Modalities whose embeddings no trainable parameter feeds (a frozen tower and no trained
-        projection after it: VIP-ANT's pivot)."""
+        projection after it: VIP-ANT's pivot). Fixed for the run: found once."""
         model = self.engine.module
         out = set()
         for modality in ("audio", "text", "image"):
@@ -214,6 +211,14 @@ class Trainer:
             if parts[0] is not None and not any(p.requires_grad for m in parts if m is not None for p in m.parameters()):
                 out.add(modality)
         return frozenset(out)
+
+    def _backward_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """One batch's loss: back-propagated and stepped when finite on every rank."""
+        if not self._all_finite(loss):
+            return loss.detach(), False
+        self.engine.backward(loss)
+        self._engine_step()
+        return loss.detach(), True
 
     def _accumulated_backward(self, surrogate: torch.Tensor) -> None:
         # The surrogate already carries the whole accumulated gradient: no 1/A scaling.
@@ -238,12 +243,7 @@ class Trainer:
             return self._pairwise_step(micro)
         if len(micro) == 1:
             audio, text, scale = self._forward(micro[0])
-            loss = self._loss(audio.float(), text.float(), scale.float(), teacher, captions)
-            if not self._all_finite(loss):
-                return loss.detach(), False
-            self.engine.backward(loss)
-            self._engine_step()
-            return loss.detach(), True
+            return self._backward_step(self._loss(audio.float(), text.float(), scale.float(), teacher, captions))
 
         def forward(inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
             audio, text, scale = self._forward(inputs)
